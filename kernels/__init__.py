@@ -1,0 +1,1 @@
+"""Triton kernels of spin_mcore, installed as ``spin_kernels`` (the PyPI ``kernels`` is unrelated)."""

@@ -1,0 +1,350 @@
+"""The one typed, validated configuration object.
+
+Precedence (lowest to highest): dataclass defaults < YAML file < ``key=value``
+overrides on the command line. Overrides use dotted paths into the sections,
+e.g. ``train.micro_batch_size=2`` or ``spin.beta=[0.1,0.1,0.1,5.0]``.
+
+Sections, one per concern: ``model``, ``parallel``, ``precision``, ``data``,
+``generation``, ``spin``, ``train``, ``run``. Every field has a docstring in the
+form of a trailing comment-free ``metadata["help"]`` so ``--help`` and errors can
+quote it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or inconsistent. The message names the field."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the Llama/Mistral-family policy."""
+
+    preset: Optional[str] = _f(None, "Named preset (tiny, llama2-7b, mistral-7b, llama3-8b, llama3-70b); fields set here override it.")
+    hf_config: Optional[str] = _f(None, "Path to an HF config.json (or its directory) to take the architecture from.")
+    family: str = _f("llama", "Checkpoint family for HF conversion: llama or mistral.")
+    num_layers: int = _f(2, "Transformer layers.")
+    hidden_size: int = _f(64, "Model width.")
+    ffn_hidden_size: int = _f(176, "SwiGLU inner width.")
+    num_attention_heads: int = _f(4, "Query heads.")
+    num_query_groups: int = _f(2, "Key/value heads (GQA groups); equal to heads for MHA.")
+    vocab_size: int = _f(512, "Tokenizer vocabulary size (before padding for TP).")
+    make_vocab_size_divisible_by: int = _f(128, "Pad the embedding/output vocab to a multiple of this times TP.")
+    seq_length: int = _f(256, "Maximum sequence length (prompt + response) the model is built for.")
+    rope_theta: float = _f(10000.0, "RoPE base frequency.")
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
+    init_std: float = _f(0.02, "Std of the normal weight initialisation.")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split. DP is derived: world_size / (tp * pp * cp)."""
+
+    tp: int = _f(1, "Tensor-parallel size.")
+    pp: int = _f(1, "Pipeline-parallel size.")
+    cp: int = _f(1, "Context-parallel size (GPU only).")
+    sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tp > 1).")
+    distributed_optimizer: bool = _f(True, "Shard optimizer state across DP ranks (Megatron distributed optimizer).")
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric recipe. Later recipes (fp8 through Transformer Engine) slot in by name."""
+
+    recipe: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, or fp8 (Transformer Engine, GPU only).")
+
+
+@dataclass
+class DataConfig:
+    """SFT data and its tokenisation."""
+
+    path: Optional[str] = _f(None, "SFT data: a .jsonl/.parquet file or an HF datasets directory saved with save_to_disk.")
+    tokenizer: Optional[str] = _f(None, "tokenizer.model (SentencePiece) or tokenizer.json (HF tokenizers), or a directory holding one.")
+    template: str = _f("instruction", "Prompt template: 'instruction' (the paper's '### Instruction: ...') or 'chat'.")
+    max_prompt_length: int = _f(128, "Prompts longer than this are left-truncated (counted and reported).")
+    max_response_length: int = _f(128, "Responses longer than this are right-truncated (counted and reported).")
+    num_prompts: Optional[int] = _f(None, "Seeded subsample of prompts per iteration (the paper uses 50k of 200k); None keeps all.")
+    heldout_fraction: float = _f(0.05, "Share of records held out for evaluation.")
+    skip_bad_lines: bool = _f(False, "Skip malformed JSON lines (and report the count) instead of failing.")
+    seed: int = _f(1234, "Seed for subsampling and the held-out split.")
+
+
+@dataclass
+class GenerationConfig:
+    """Opponent generation (y' ~ p_theta_t(.|x))."""
+
+    backend: str = _f("megatron", "megatron (in-process, CPU or GPU), trtllm, or vllm.")
+    temperature: float = _f(1.0, "Sampling temperature; 0 means greedy.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold.")
+    top_k: int = _f(0, "Top-k sampling; 0 disables.")
+    max_new_tokens: int = _f(128, "Maximum generated tokens per sample.")
+    num_samples: int = _f(1, "Samples per prompt.")
+    batch_size: int = _f(16, "Concurrent sequences in the in-process engine.")
+    seed: int = _f(0, "Sampling seed; each (prompt, sample) gets its own stream so batching does not change output.")
+    shard_size: int = _f(256, "Prompts per output shard (the unit of resume).")
+    overlong_prompts: str = _f("truncate", "What to do with prompts longer than the context: truncate (left) or reject.")
+    trt_tp: int = _f(1, "TensorRT-LLM tensor-parallel size.")
+    trt_instances: int = _f(1, "Data-parallel TensorRT-LLM / vLLM instances.")
+
+
+@dataclass
+class SpinConfig:
+    """The SPIN objective (Chen et al. 2024, eq. 4.7)."""
+
+    loss: str = _f("logistic", "l(t): logistic (= DPO sigmoid), hinge, exponential, or correlation (1 - t).")
+    beta: list = _f([0.1, 0.1, 0.1, 5.0], "lambda per iteration; the last value repeats.")
+    sft_weight: float = _f(0.0, "Weight of an extra NLL term on the human response y.")
+    length_normalize: bool = _f(False, "Use mean instead of summed token log-probs (a departure from the paper).")
+    keep_previous_iteration: bool = _f(True, "Train on this iteration's pairs plus the previous iteration's (paper: 50k -> 100k).")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of one iteration (or of plain SFT)."""
+
+    objective: str = _f("spin", "spin, or sft (plain NLL on human responses).")
+    optimizer: str = _f("rmsprop", "rmsprop (the paper's choice) or adam.")
+    lr: list = _f([5e-7, 5e-7, 1e-7, 1e-7], "Peak LR per iteration; the last value repeats.")
+    warmup_fraction: float = _f(0.1, "Linear warmup share of the steps, then linear decay to zero.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay (the paper uses none).")
+    rmsprop_alpha: float = _f(0.99, "RMSProp smoothing constant.")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.999, "Adam beta2.")
+    eps: float = _f(1e-8, "Optimizer epsilon.")
+    clip_grad: float = _f(1.0, "Global grad-norm clip; 0 disables.")
+    global_batch_size: int = _f(64, "Pairs per optimizer step (the paper uses 64).")
+    micro_batch_size: int = _f(1, "Pairs per micro-batch per DP rank.")
+    epochs: int = _f(2, "Epochs per iteration (the paper uses 2).")
+    max_steps: Optional[int] = _f(None, "Stop after this many steps (overrides epochs).")
+    recompute: bool = _f(False, "Full activation recompute.")
+    save_interval: int = _f(50, "Checkpoint every N steps (and at the end).")
+    max_skipped_steps: int = _f(10, "Abort after this many steps skipped for non-finite loss/grad.")
+    log_interval: int = _f(1, "Steps between console/TensorBoard log lines.")
+    seed: int = _f(42, "Seed for data order, initialisation and dropout.")
+
+
+@dataclass
+class RunConfig:
+    """The outer SPIN loop and its run directory."""
+
+    dir: str = _f("runs/spin", "Run directory: config, manifests, metrics, checkpoints, plots.")
+    init_checkpoint: Optional[str] = _f(None, "theta_0: an mcore checkpoint directory (or HF directory with run.init_from_hf).")
+    init_from_hf: bool = _f(False, "Treat init_checkpoint as an HF safetensors directory.")
+    iterations: int = _f(3, "SPIN iterations T.")
+    stop_pair_accuracy: float = _f(0.55, "Stop early when held-out pair accuracy of theta_{t+1} vs theta_t falls below this.")
+    nproc: int = _f(1, "Local processes to launch when not under torchrun/srun.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    spin: SpinConfig = field(default_factory=SpinConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def per_iteration(values: list, iteration: int):
+    """``values[iteration]``, repeating the last entry past the end (for beta and lr schedules)."""
+    return values[min(iteration, len(values) - 1)]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if isinstance(value, str) and tp is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: cannot parse {value!r}: {exc}") from None
+    try:
+        if tp is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+        if tp is list:
+            return list(value) if isinstance(value, (list, tuple)) else [value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
+    return value
+
+
+def _apply(section: Any, values: dict, where: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    known = {f.name for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}{key}: unknown field (known: {', '.join(sorted(known))})")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
+            _apply(current, value, f"{where}{key}.")
+        else:
+            setattr(section, key, _coerce(value, hints[key], f"{where}{key}"))
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict. Values are parsed as YAML scalars/lists."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.lr=[1e-6])")
+        key, value = item.split("=", 1)
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Build a validated :class:`Config` from defaults, an optional YAML file, then overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        _apply(cfg, data, "")
+    if overrides:
+        _apply(cfg, parse_overrides(overrides), "")
+    from spin_mcore.models.presets import resolve_model_config
+
+    cfg.model = resolve_model_config(cfg.model, explicit=_explicit_model_fields(path, overrides))
+    validate(cfg)
+    return cfg
+
+
+def _explicit_model_fields(path, overrides) -> set[str]:
+    keys: set[str] = set()
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        keys |= set((data.get("model") or {}).keys())
+    for key in parse_overrides(overrides or []).get("model", {}):
+        keys.add(key)
+    return keys
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a run's resolved config)."""
+    cfg = Config()
+    _apply(cfg, data, "")
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from spin_mcore.utils.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}={value!r}: must be one of {', '.join(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    """Check cross-field consistency; raise :class:`ConfigError` naming the field."""
+    m, p = cfg.model, cfg.parallel
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size", "seq_length"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name}={getattr(m, name)}: must be positive")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups={m.num_query_groups}")
+    _choice("model.family", m.family, ("llama", "mistral"))
+    for name in ("tp", "pp", "cp"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name}={getattr(p, name)}: must be >= 1")
+    if m.num_attention_heads % p.tp:
+        raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
+    if m.num_query_groups % p.tp:
+        raise ConfigError(f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tp={p.tp}")
+    if m.num_layers % p.pp:
+        raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    _choice("precision.recipe", cfg.precision.recipe, ("auto", "fp32", "bf16", "fp8"))
+    _choice("data.template", cfg.data.template, ("instruction", "chat"))
+    if not 0.0 <= cfg.data.heldout_fraction < 1.0:
+        raise ConfigError(f"data.heldout_fraction={cfg.data.heldout_fraction}: must be in [0, 1)")
+    g = cfg.generation
+    _choice("generation.backend", g.backend, ("megatron", "trtllm", "vllm"))
+    _choice("generation.overlong_prompts", g.overlong_prompts, ("truncate", "reject"))
+    if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0 or g.max_new_tokens < 1 or g.num_samples < 1:
+        raise ConfigError(
+            f"generation: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, num_samples >= 1 "
+            f"(got {g.temperature}, {g.top_p}, {g.top_k}, {g.max_new_tokens}, {g.num_samples})"
+        )
+    s = cfg.spin
+    _choice("spin.loss", s.loss, ("logistic", "hinge", "exponential", "correlation"))
+    if not s.beta or any(b <= 0 for b in s.beta):
+        raise ConfigError(f"spin.beta={s.beta}: need at least one positive value")
+    t = cfg.train
+    _choice("train.objective", t.objective, ("spin", "sft"))
+    _choice("train.optimizer", t.optimizer, ("rmsprop", "adam"))
+    if not t.lr or any(lr < 0 for lr in t.lr):
+        raise ConfigError(f"train.lr={t.lr}: need at least one non-negative value")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}")
+    if not 0.0 <= t.warmup_fraction < 1.0:
+        raise ConfigError(f"train.warmup_fraction={t.warmup_fraction}: must be in [0, 1)")
+    if cfg.run.iterations < 1:
+        raise ConfigError(f"run.iterations={cfg.run.iterations}: must be >= 1")
+
+
+def field_help(section: str) -> list[tuple[str, Any, str]]:
+    """(name, default, help) for each field of a section, for ``--help`` output."""
+    obj = getattr(Config(), section)
+    return [(f.name, getattr(obj, f.name), f.metadata.get("help", "")) for f in dataclasses.fields(obj)]
+
+
+def dumps(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

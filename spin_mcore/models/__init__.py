@@ -1,0 +1,1 @@
+"""Llama/Mistral-family policies on Megatron-Core, and HF conversion."""

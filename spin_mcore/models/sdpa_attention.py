@@ -1,0 +1,98 @@
+"""Core attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+Megatron's local ``DotProductAttention`` allocates its softmax buffer on CUDA and
+does not accept packed sequences; TE's attention needs a GPU. This module takes
+their place in the layer spec on the CPU (and anywhere TE is absent). It keeps
+Megatron's core-attention signature exactly, so swapping it is a spec change.
+
+Shapes (Megatron's sequence-first layout, per tensor-parallel rank):
+    query [sq, b, np, hn], key/value [sk, b, ng, hn]  ->  output [sq, b, np * hn]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Boolean [total, total] mask, True where attention is allowed.
+
+    Tokens attend causally and only within their own packed segment, whose
+    boundaries are given by ``cu_seqlens`` (int32/int64 [n_segments + 1]).
+    """
+    pos = torch.arange(total, device=cu_seqlens.device)
+    segment = torch.bucketize(pos, cu_seqlens[1:].to(pos.dtype), right=True)
+    same = segment[:, None] == segment[None, :]
+    return same & (pos[:, None] >= pos[None, :])
+
+
+class SDPAttention(MegatronModule):
+    """Drop-in for ``megatron.core.transformer.dot_product_attention.DotProductAttention``."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        sq, b, np_, hn = query.shape
+        sk, ng = key.shape[0], key.shape[2]
+        # [s, b, h, d] -> [b, h, s, d]
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        if ng != np_:  # grouped-query attention: share each KV head across np/ng query heads
+            k = k.repeat_interleave(np_ // ng, dim=1)
+            v = v.repeat_interleave(np_ // ng, dim=1)
+
+        mask = None
+        is_causal = False
+        if packed_seq_params is not None:
+            # One packed row (b == 1): causal within each segment only.
+            mask = block_causal_mask(packed_seq_params.cu_seqlens_q, sq)
+        elif attention_mask is not None:
+            # Megatron's convention: True marks positions that must NOT be attended.
+            mask = ~attention_mask.bool()
+            if sq != sk and mask.shape[-2] != sq:
+                mask = mask[..., -sq:, :]
+        elif sq == sk:
+            is_causal = True
+        else:
+            # Decoding with a KV cache: the sq queries are the last sq positions of sk.
+            qpos = torch.arange(sk - sq, sk, device=query.device)
+            mask = qpos[:, None] >= torch.arange(sk, device=query.device)[None, :]
+
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
+        )
+        # [b, np, sq, hn] -> [sq, b, np * hn]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
