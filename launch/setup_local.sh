@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install spin_mcore with its test extras on a CPU machine.
+# torch is pinned to the CPU build first: an unpinned torch pulls a multi-GB CUDA build.
+# GPU machines: install your CUDA torch first, then `pip install -e '.[gpu,test]'` (see README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==${SPIN_TORCH_VERSION:-2.13.0}"
+.venv/bin/python -m pip install -q -e '.[test]'
+echo "spin_mcore installed in $(pwd)/.venv"
