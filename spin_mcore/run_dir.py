@@ -1,0 +1,141 @@
+"""The self-describing run directory of a SPIN run.
+
+    RUN/config.yaml              resolved config (a re-run with a different config is refused without --force)
+    RUN/data/                    tokenized train / held-out prompts (+ manifest)
+    RUN/iter_{t}/generation/     y' ~ theta_t for every prompt (shards + manifest)
+    RUN/iter_{t}/reference/      the same records with log p_theta_t(y|x), log p_theta_t(y'|x)
+    RUN/iter_{t}/train/          trainer checkpoints, metrics.jsonl, TensorBoard events
+    RUN/checkpoints/theta_{t}/   model checkpoint of each iterate (theta_0 = the initial model)
+    RUN/iter_{t}/eval.json       evaluation of theta_{t+1} (written last: its presence marks the iteration done)
+    RUN/results.jsonl, RUN/results.md, RUN/results.png   per-iteration table and plot
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from spin_mcore.utils.io import atomic_write_json, atomic_write_text
+
+# Fields that may change between re-runs of the same directory without invalidating its outputs.
+_RESUMABLE_FIELDS = {("run", "nproc"), ("run", "iterations"), ("train", "log_interval"), ("train", "save_interval")}
+
+
+class RunConfigMismatchError(RuntimeError):
+    """The run directory was made with a different config."""
+
+
+class RunDir:
+    """Paths of one run directory (see module docstring)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def iteration(self, t: int) -> Path:
+        return self.root / f"iter_{t}"
+
+    def generation(self, t: int) -> Path:
+        return self.iteration(t) / "generation"
+
+    def reference(self, t: int) -> Path:
+        return self.iteration(t) / "reference"
+
+    def train(self, t: int) -> Path:
+        return self.iteration(t) / "train"
+
+    def eval_file(self, t: int) -> Path:
+        return self.iteration(t) / "eval.json"
+
+    def theta(self, t: int) -> Path:
+        return self.root / "checkpoints" / f"theta_{t}"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.yaml"
+
+
+def _diff(old: dict, new: dict, prefix: tuple = ()) -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        path = prefix + (key,)
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, path)
+        elif a != b and path not in _RESUMABLE_FIELDS:
+            out.append(f"{'.'.join(path)}: {a!r} -> {b!r}")
+    return out
+
+
+def claim_run_dir(run: RunDir, cfg_dict: dict, force: bool = False) -> None:
+    """Write the resolved config, or check it against the one already there.
+
+    Raises RunConfigMismatchError listing the changed fields unless ``force``.
+    """
+    if run.config_file.exists():
+        old = yaml.safe_load(run.config_file.read_text()) or {}
+        changes = _diff(old, cfg_dict)
+        if changes and not force:
+            raise RunConfigMismatchError(
+                f"{run.root} was made with a different config ({'; '.join(changes[:5])}"
+                f"{' ...' if len(changes) > 5 else ''}); pass --force to reuse it or choose another run.dir"
+            )
+    atomic_write_text(run.config_file, yaml.safe_dump(cfg_dict, sort_keys=False))
+
+
+def write_results(run: RunDir, rows: list[dict], title: str = "SPIN") -> None:
+    """Write results.jsonl, a markdown table and a PNG plot of the per-iteration rows."""
+    if not rows:
+        return
+    atomic_write_text(run.root / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    atomic_write_text(run.root / "results.md", format_table(rows))
+    plot_results(rows, run.root / "results.png", title)
+
+
+def format_table(rows: list[dict], columns: Optional[list[str]] = None) -> str:
+    """Markdown table; floats to 4 decimals. Columns default to the union of row keys in order of appearance."""
+    if columns is None:
+        columns = []
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(rows: list[dict], path: Path, title: str) -> None:
+    """One panel per numeric metric against the row label (matplotlib, Agg backend), saved atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    metrics = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and k not in ("iteration",)]
+    labels = [str(r.get("model", r.get("iteration"))) for r in rows]
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4 * max(1, len(metrics)), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], metrics):
+        ax.plot(range(len(rows)), [r.get(key) for r in rows], marker="o")
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(key, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    from spin_mcore.utils.io import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_eval(run: RunDir, t: int, metrics: dict) -> None:
+    atomic_write_json(run.eval_file(t), metrics)
