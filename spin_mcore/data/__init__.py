@@ -1,0 +1,7 @@
+"""The SFT data path: records -> templated, tokenised prompts -> split -> packed rows.
+
+Modules, one job each: ``records`` (loading), ``templates`` (prompt text), ``tokenizer``
+(SentencePiece / HF tokenizers), ``split`` (held-out split, subsampling), ``tokenize``
+(ids with length limits), ``packing`` (pair packing and the sample index, C++ with a
+Python fallback), and ``prepare`` (one call from ``cfg.data`` to tokenised train / held-out).
+"""
