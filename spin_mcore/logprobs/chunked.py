@@ -1,0 +1,118 @@
+"""CPU path of the fused log-prob op: the kernels' contract in plain PyTorch, chunked over tokens.
+
+Same inputs and outputs as :mod:`spin_kernels.fused_logprob` (partials forward,
+gradient backward), so :mod:`spin_mcore.logprobs.autograd` treats both alike.
+Only one chunk of rows is ever held in fp32 (at most ``CHUNK_BYTES``, and at most
+1/16 of the logits' fp32 size), so [B, S, V] never exists in fp32; chunks of
+fully masked rows are never read, partly masked chunks are compacted first.
+
+Per chunk it leans on PyTorch's fused, vectorised CPU softmax kernels rather than
+a chain of elementwise ops: forward = max + log_softmax (the local log-sum-exp is
+exactly max - log_softmax[argmax]); backward = softmax rescaled from the shard's
+local to the global log-sum-exp, so backward needs the local lse too (O(tokens)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Upper bound of the fp32 working set per chunk: 256 rows of a 32k vocab.
+CHUNK_BYTES = 32 * 1024 * 1024
+MIN_CHUNK_BYTES = 1024 * 1024
+
+
+def _chunks(logits: torch.Tensor, n_valid: int, chunk_bytes: int | None):
+    """(b, s0, s1) row blocks whose fp32 copy stays within the budget."""
+    B, S, _ = logits.shape
+    budget = chunk_bytes or min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, logits.numel() * 4 // 16))
+    rows = max(1, budget // max(1, 4 * n_valid))
+    for b in range(B):
+        for s0 in range(0, S, rows):
+            yield b, s0, min(S, s0 + rows)
+
+
+def _load(logits: torch.Tensor, b: int, s0: int, s1: int, rows: torch.Tensor, n_valid: int) -> torch.Tensor:
+    """[r, n_valid] fp32 rows ``rows`` of logits[b, s0:s1]: a view when nothing is skipped and the
+    logits are fp32 (read-only use), else a compacted/upcast copy."""
+    x = logits[b, s0:s1, :n_valid]
+    if rows.numel() < s1 - s0:
+        x = x.index_select(0, rows)
+    return x.float()
+
+
+def chunked_forward_partials(
+    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
+    vocab_start: int, n_valid: int, chunk_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This shard's (m, s, t) per token, each [B*S] fp32; contract of ``logprob_forward_partials``.
+
+    Here m is the shard's whole log-sum-exp and s = 1 (an equivalent partial: sum exp = s * e^m).
+
+    Args:
+        logits: [B, S, V_local] bf16/fp16/fp32.
+        labels: [B*S] int64 global ids (any value on masked rows).
+        keep: [B*S] bool.
+        vocab_start, n_valid: this shard's first global id and its count of non-padding columns.
+    """
+    B, S, _ = logits.shape
+    m = torch.zeros(B, S, dtype=torch.float32, device=logits.device)
+    s = torch.ones_like(m)
+    t = torch.zeros_like(m)
+    keep2, local2 = keep.view(B, S), (labels - vocab_start).view(B, S)
+    if n_valid == 0:  # all-padding shard: contributes nothing to any row
+        m[keep2], s[keep2] = float("-inf"), 0.0
+        return m.view(-1), s.view(-1), t.view(-1)
+    for b, s0, s1 in _chunks(logits, n_valid, chunk_bytes):
+        rows = keep2[b, s0:s1].nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        x = _load(logits, b, s0, s1, rows, n_valid)  # [r, n_valid] fp32
+        mx, arg = x.max(dim=1)
+        ls = torch.log_softmax(x, dim=1)  # [r, n_valid] fp32, the chunk's one temporary
+        idx = rows + s0
+        m[b, idx] = mx - ls.gather(1, arg.unsqueeze(1)).squeeze(1)
+        local = local2[b, idx]
+        owned = (local >= 0) & (local < n_valid)
+        t[b, idx] = torch.where(owned, x.gather(1, local.clamp(0, n_valid - 1).unsqueeze(1)).squeeze(1), 0.0)
+    return m.view(-1), s.view(-1), t.view(-1)
+
+
+def chunked_backward(
+    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+    vocab_start: int, n_valid: int, inplace: bool = False, local_lse: torch.Tensor | None = None,
+    chunk_bytes: int | None = None,
+) -> torch.Tensor:
+    """[B, S, V_local] gradient in the logits' dtype; contract of ``logprob_backward``.
+
+    g * (1[i=y] - exp(x_i - lse)) with fp32 math, zero on masked rows and padding columns.
+    ``local_lse`` ([B*S] fp32, this shard's log-sum-exp; default ``lse``, right without TP)
+    lets softmax(x) be rescaled to the global normaliser. ``inplace`` writes into ``logits``.
+    """
+    B, S, V = logits.shape
+    grad = logits if inplace else torch.empty_like(logits)
+    keep2, local2 = keep.view(B, S), (labels - vocab_start).view(B, S)
+    lse2, g2 = lse.view(B, S), g.view(B, S)
+    loc2 = (local_lse if local_lse is not None else lse).view(B, S)
+    for b, s0, s1 in _chunks(logits, max(1, n_valid), chunk_bytes):
+        out = grad[b, s0:s1]  # [r, V] view
+        rows = keep2[b, s0:s1].nonzero().squeeze(1)
+        if rows.numel() == 0 or n_valid == 0:
+            out.zero_()
+            continue
+        x = _load(logits, b, s0, s1, rows, n_valid)
+        p = torch.softmax(x, dim=1)  # exp(x - local lse), fused; new buffer, so inplace is safe
+        idx = rows + s0
+        gr = g2[b, idx]
+        scale = -gr if local_lse is None else torch.exp(loc2[b, idx] - lse2[b, idx]) * -gr
+        p.mul_(scale.unsqueeze(1))  # -g * exp(x - lse)
+        local = local2[b, idx]
+        owned = ((local >= 0) & (local < n_valid)).nonzero().squeeze(1)
+        p[owned, local[owned]] += gr[owned]
+        if rows.numel() < s1 - s0:
+            out.zero_()
+            out[rows, :n_valid] = p.to(logits.dtype)
+        else:
+            out[:, :n_valid] = p
+        if n_valid < V:
+            out[:, n_valid:] = 0
+    return grad
