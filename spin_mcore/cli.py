@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Order is the order shown in --help.
-COMMANDS = ("smoke", "convert")
+COMMANDS = ("smoke", "convert", "train", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:

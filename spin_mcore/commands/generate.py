@@ -1,0 +1,108 @@
+"""``spin-mcore generate CONFIG [key=value ...]``: the opponent-generation stage on its own.
+
+Loads theta_t (``--checkpoint`` mcore dir, ``--hf`` HF dir, else ``run.init_checkpoint``),
+the SFT prompts of ``data.path`` (tokenised with ``data.tokenizer``), and writes the
+resumable shard directory ``--out`` (default ``RUN_DIR/iter-N/generated``). Re-running
+the same command resumes a killed run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def generate_rank(config: str | None, overrides: list[str], out: str, iteration: int, checkpoint: str | None,
+                  hf: str | None, force: bool) -> dict:
+    """One rank of the stage (module-level so the local launcher can spawn it)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from spin_mcore.config import ConfigError, load_config
+    from spin_mcore.data.records import load_sft_records
+    from spin_mcore.data.split import split_records
+    from spin_mcore.data.tokenize import tokenize_records
+    from spin_mcore.data.tokenizer import load_tokenizer
+    from spin_mcore.generation.backends import HFEngineBackend, check_backend_available
+    from spin_mcore.generation.stage import generate_opponent
+    from spin_mcore.models.gpt import build_gpt_model
+    from spin_mcore.platform import init_distributed
+
+    cfg = load_config(config, overrides)
+    g = cfg.generation
+    check_backend_available(g.backend, needed_gpus=g.trt_tp * g.trt_instances)  # fail before any work
+    if cfg.data.path is None or cfg.data.tokenizer is None:
+        raise ConfigError("data.path and data.tokenizer must be set to generate")
+    if hf is None and checkpoint is None:
+        checkpoint, hf = (None, cfg.run.init_checkpoint) if cfg.run.init_from_hf else (cfg.run.init_checkpoint, None)
+    if hf is None and checkpoint is None:
+        raise ConfigError("no weights: pass --checkpoint DIR or --hf DIR, or set run.init_checkpoint")
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    records, _ = load_sft_records(cfg.data.path, skip_bad_lines=cfg.data.skip_bad_lines)
+    train, _ = split_records(records, cfg.data.heldout_fraction, cfg.data.num_prompts, seed=cfg.data.seed)
+    prompts, _ = tokenize_records(train, tok, cfg.data.template, cfg.data.max_prompt_length, cfg.data.max_response_length)
+
+    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    model = build_gpt_model(cfg.model, pstate, cfg.precision)
+    if hf is not None:
+        from spin_mcore.models.hf_convert import load_hf_weights
+
+        load_hf_weights(model, pstate, hf, cfg.model)
+        checkpoint_id = f"hf:{Path(hf).absolute()}"
+    else:
+        from spin_mcore.models.checkpoint import load_model_checkpoint
+
+        meta = load_model_checkpoint(model, pstate, checkpoint)
+        checkpoint_id = f"mcore:{Path(checkpoint).absolute()}:{meta.get('step', meta.get('iteration', ''))}"
+
+    backend = None
+    if g.backend != "megatron":
+        # Re-exported per iteration: the engine is rebuilt from this iterate's weights.
+        from spin_mcore.models.hf_convert import export_hf
+
+        hf_dir = export_hf(model, pstate, Path(out) / "hf-iterate", cfg.model, tokenizer_dir=Path(cfg.data.tokenizer).parent
+                           if Path(cfg.data.tokenizer).is_file() else cfg.data.tokenizer)
+        if pstate.rank == 0:
+            backend = HFEngineBackend(g.backend, g, hf_dir, cfg.model.seq_length, next(model.parameters()).dtype,
+                                      end_id=tok.eos_id)
+    model.eval()
+    return generate_opponent(cfg, model, pstate, prompts, tok, out, iteration, force=force,
+                             checkpoint_id=checkpoint_id, backend=backend)
+
+
+def run(args) -> int:
+    from spin_mcore.commands.common import split_config_and_overrides
+    from spin_mcore.config import load_config
+    from spin_mcore.launcher import WorkerError, launched, run_local
+
+    config, overrides = split_config_and_overrides(args)
+    cfg = load_config(config, overrides)  # validate here, before spawning
+    out = args.out or str(Path(cfg.run.dir) / f"iter-{args.iteration}" / "generated")
+    fn_args = (config, overrides, out, args.iteration, args.checkpoint, args.hf, args.force)
+    if launched():
+        generate_rank(*fn_args)
+        return 0
+    try:
+        run_local(generate_rank, args.nproc or cfg.run.nproc, *fn_args)
+    except WorkerError as exc:
+        lines = str(exc).splitlines()
+        print(f"spin-mcore generate: {' '.join(lines[:2])}")
+        print("\n".join(lines[2:]))
+        return 1
+    print(f"spin-mcore generate: wrote {out}")
+    return 0
+
+
+def register(sub) -> None:
+    from spin_mcore.commands.common import add_config_args
+
+    p = sub.add_parser("generate", help="generate opponent responses y' for every prompt (resumable shards)",
+                       description=__doc__)
+    add_config_args(p)
+    p.add_argument("--out", help="output stage directory (default RUN_DIR/iter-N/generated)")
+    p.add_argument("--iteration", type=int, default=0, help="SPIN iteration t (recorded and fingerprinted)")
+    p.add_argument("--checkpoint", help="mcore checkpoint directory holding theta_t")
+    p.add_argument("--hf", help="HF safetensors directory holding theta_t")
+    p.add_argument("--force", action="store_true", help="overwrite an output directory made with another config")
+    p.add_argument("--nproc", type=int, default=None, help="local processes (default run.nproc)")
+    p.set_defaults(func=run)
