@@ -132,7 +132,7 @@ def build_gpt_model(model: ModelConfig, pstate, precision: PrecisionConfig, reco
         post_process=pstate.is_last_stage,
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
-        rotary_base=int(model.rope_theta),
+        rotary_base=model.rope_theta,  # float: some checkpoints use a non-integer theta
         parallel_output=True,
     )
     return gpt.to(pstate.device)

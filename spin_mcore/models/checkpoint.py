@@ -1,0 +1,200 @@
+"""Model-only checkpoints: Megatron ``dist_checkpointing`` weights plus a small JSON of metadata.
+
+Layout of a checkpoint directory ``DIR``::
+
+    DIR/model/            dist_checkpointing of ``GPTModel.sharded_state_dict()`` (torch_dist)
+    DIR/spin_mcore.json   {"format", "model": ModelConfig fields, "params_dtype", "saved_parallel", **extra}
+
+Because the weights are stored as globally indexed shards, a checkpoint saved at
+one TP/PP size loads at any other (the padded vocab rows of the embedding and the
+output layer may differ between TP sizes; Megatron marks those two tensors
+``allow_shape_mismatch`` so the stored rows are truncated or zero-extended).
+
+Saves are atomic: every rank writes into ``DIR.tmp-<token>``; after a barrier rank
+0 renames it to ``DIR``. A killed save leaves only the ``.tmp-`` directory, which
+no loader looks at, so a half-written checkpoint never looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from spin_mcore.config import ModelConfig
+from spin_mcore.utils.io import atomic_write_json
+
+FORMAT = "spin_mcore.model/v1"
+META_FILE = "spin_mcore.json"
+WEIGHTS_DIR = "model"
+_RESERVED_KEYS = ("format", "model", "params_dtype", "saved_parallel")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete, or does not fit the model. The message names it."""
+
+
+def unwrap_model(model):
+    """The bare ``GPTModel`` inside Megatron DDP / Float16Module wrappers (each keeps it in ``.module``)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def shared_tmp_dir(directory: Path) -> Path:
+    """``DIR.tmp-<token>`` next to ``directory``, with one token chosen by rank 0 and shared by all ranks."""
+    token = [secrets.token_hex(4) if _rank() == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    return directory.with_name(f"{directory.name}.tmp-{token[0]}")
+
+
+def publish_dir(tmp: Path, directory: Path) -> None:
+    """Rank 0 only: rename the finished ``tmp`` to ``directory``, replacing an older one.
+
+    The old directory is moved aside before the rename and deleted after it, so at
+    every instant ``directory`` is either absent, the old complete one, or the new one.
+    """
+    old = None
+    if directory.exists():
+        old = directory.with_name(f"{directory.name}.old-{secrets.token_hex(4)}")
+        directory.rename(old)
+    tmp.rename(directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"`` (the spelling HF configs use)."""
+    return str(dtype).replace("torch.", "")
+
+
+def save_model_checkpoint(model, pstate, directory: str | Path, model_cfg: ModelConfig,
+                          extra: Optional[dict] = None) -> Path:
+    """Save this model's weights as a TP/PP-reshardable checkpoint. Collective over all ranks.
+
+    ``model`` is this rank's stage (a ``GPTModel``, possibly wrapped in Megatron DDP).
+    ``extra`` (JSON-serialisable, e.g. ``{"iteration": 3}``) is merged into the metadata;
+    its keys must not clash with ``format``, ``model``, ``params_dtype``, ``saved_parallel``.
+    Returns the final directory. Replaces an existing checkpoint at ``directory`` atomically.
+    """
+    extra = dict(extra or {})
+    clash = [k for k in extra if k in _RESERVED_KEYS]
+    if clash:
+        raise CheckpointError(f"save_model_checkpoint: extra keys {clash} are reserved ({', '.join(_RESERVED_KEYS)})")
+    from megatron.core import dist_checkpointing
+
+    core = unwrap_model(model)
+    directory = Path(directory).absolute()
+    tmp = shared_tmp_dir(directory)
+    if _rank() == 0:
+        (tmp / WEIGHTS_DIR).mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(core.sharded_state_dict(), str(tmp / WEIGHTS_DIR))
+    if _rank() == 0:
+        params_dtype = next(core.parameters()).dtype
+        meta = {
+            "format": FORMAT,
+            "model": dataclasses.asdict(model_cfg),
+            "params_dtype": dtype_name(params_dtype),
+            "saved_parallel": {"tp": pstate.tp, "pp": pstate.pp},
+            **extra,
+        }
+        # Written last: its presence is what marks the weights as complete.
+        atomic_write_json(tmp / META_FILE, meta)
+    _barrier()
+    if _rank() == 0:
+        publish_dir(tmp, directory)
+    _barrier()
+    return directory
+
+
+def read_checkpoint_meta(directory: str | Path) -> dict:
+    """The metadata of a checkpoint: ``{"format", "model": ModelConfig fields, ..., **extra}``.
+
+    Raises :class:`CheckpointError` naming the directory when it is not a complete checkpoint.
+    """
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} does not exist")
+    if not meta_path.is_file() or not (directory / WEIGHTS_DIR).is_dir():
+        raise CheckpointError(f"{directory} is not a complete spin_mcore checkpoint (needs {META_FILE} and {WEIGHTS_DIR}/)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_path}: invalid JSON: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: format={meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def model_config_from_meta(meta: dict) -> ModelConfig:
+    """``ModelConfig`` of a checkpoint; unknown fields (from a newer version) are an error naming them."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(meta["model"]) - known)
+    if unknown:
+        raise CheckpointError(f"checkpoint model fields {unknown} are unknown to this version of spin_mcore")
+    return ModelConfig(**meta["model"])
+
+
+_ARCH_FIELDS = (
+    ("num_layers", "num_layers"),
+    ("hidden_size", "hidden_size"),
+    ("ffn_hidden_size", "ffn_hidden_size"),
+    ("num_attention_heads", "num_attention_heads"),
+    ("num_query_groups", "num_query_groups"),
+)
+
+
+def _check_architecture(core, meta: dict, directory: Path) -> None:
+    """Fail with one line naming the field when the checkpoint's architecture differs from the model's."""
+    saved = meta["model"]
+    config = core.config
+    diffs = [f"{ours}: checkpoint {saved.get(theirs)} vs model {getattr(config, ours)}"
+             for ours, theirs in _ARCH_FIELDS if saved.get(theirs) != getattr(config, ours)]
+    if diffs:
+        raise CheckpointError(f"{directory}: architecture mismatch: {'; '.join(diffs)}")
+
+
+def load_model_checkpoint(model, pstate, directory: str | Path) -> dict:
+    """Load a checkpoint saved at any TP/PP into this rank's stage. Collective over all ranks.
+
+    Returns the checkpoint metadata (see :func:`read_checkpoint_meta`). Load before
+    building a distributed optimizer, whose fp32 main weights are copied from the model.
+    """
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    meta = read_checkpoint_meta(directory)
+    core = unwrap_model(model)
+    _check_architecture(core, meta, directory)
+    state = dist_checkpointing.load(core.sharded_state_dict(), str(directory / WEIGHTS_DIR))
+    # Every parameter must come from the checkpoint; Megatron's _extra_state entries may be absent.
+    missing, unexpected = core.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: parameters missing {missing[:5]} / unexpected {unexpected[:5]}")
+    return meta
+
+
+def checkpoint_summary(meta: dict) -> dict[str, Any]:
+    """A short dict for logs: architecture, dtype and the parallel layout it was saved with."""
+    m = meta["model"]
+    return {"layers": m["num_layers"], "hidden": m["hidden_size"], "vocab": m["vocab_size"],
+            "dtype": meta.get("params_dtype"), "saved_parallel": meta.get("saved_parallel")}
