@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Order is the order shown in --help.
-COMMANDS = ("smoke", "convert", "train", "generate")
+COMMANDS = ("demo", "run", "generate", "train", "eval", "convert", "smoke")
 
 
 def build_parser() -> argparse.ArgumentParser:

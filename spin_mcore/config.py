@@ -134,6 +134,7 @@ class TrainConfig:
     max_steps: Optional[int] = _f(None, "Stop after this many steps (overrides epochs).")
     recompute: bool = _f(False, "Full activation recompute.")
     save_interval: int = _f(50, "Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = _f(2, "Complete training checkpoints (train_state/step_*) to keep; older ones are deleted.")
     max_skipped_steps: int = _f(10, "Abort after this many steps skipped for non-finite loss/grad.")
     log_interval: int = _f(1, "Steps between console/TensorBoard log lines.")
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
@@ -149,6 +150,8 @@ class RunConfig:
     iterations: int = _f(3, "SPIN iterations T.")
     stop_pair_accuracy: float = _f(0.55, "Stop early when held-out pair accuracy of theta_{t+1} vs theta_t falls below this.")
     nproc: int = _f(1, "Local processes to launch when not under torchrun/srun.")
+    checker: Optional[str] = _f(None, "Program that checks answers for verifiable accuracy (e.g. arith); None skips it.")
+    eval_prompts: int = _f(256, "Held-out prompts used per evaluation (the first N of the held-out split).")
 
 
 @dataclass
@@ -172,6 +175,16 @@ def per_iteration(values: list, iteration: int):
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def _number_or_self(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; lists of LRs need it as a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -200,7 +213,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if tp is str:
             return str(value)
         if tp is list:
-            return list(value) if isinstance(value, (list, tuple)) else [value]
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            return [_number_or_self(v) for v in items]
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
     return value

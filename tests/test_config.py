@@ -89,3 +89,11 @@ def test_unsupported_hf_architecture(tmp_path):
         load_config(overrides=[f"model.hf_config={_hf_config(tmp_path, architectures=['GPT2LMHeadModel'])}"])
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         load_config(overrides=[f"model.hf_config={_hf_config(tmp_path, tie_word_embeddings=True)}"])
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; per-iteration LR lists must still be numbers.
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: [5e-7, 1e-7]\n")
+    assert load_config(path).train.lr == [5e-7, 1e-7]
+    assert load_config(overrides=["train.lr=[1e-4]", "spin.beta=[1e-1,5]"]).spin.beta == [0.1, 5.0]

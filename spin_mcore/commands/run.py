@@ -1,0 +1,49 @@
+"""``spin-mcore run CONFIG [key=value ...]``: the whole SPIN loop (generate, score, train, evaluate) x T.
+
+Re-running the same command resumes: complete stages are skipped, the interrupted one resumes
+from its manifest or last checkpoint. A run directory made with a different config is refused
+unless --force is given.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+from spin_mcore.commands.common import add_config_args, split_config_and_overrides
+
+
+def run_rank(config_path, overrides: list, force: bool) -> list:
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from spin_mcore.config import load_config
+    from spin_mcore.loop import run_spin
+    from spin_mcore.platform import init_distributed
+
+    cfg = load_config(config_path, overrides)
+    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    return run_spin(cfg, pstate, force=force)
+
+
+def run(args) -> int:
+    from spin_mcore.config import load_config
+    from spin_mcore.launcher import launched, run_local
+
+    config_path, overrides = split_config_and_overrides(args)
+    cfg = load_config(config_path, overrides)  # validate before any process starts
+    if cfg.run.init_checkpoint is None:
+        raise ValueError("run.init_checkpoint is not set: SPIN starts from an SFT model (theta_0)")
+    for field in ("path", "tokenizer"):
+        if getattr(cfg.data, field) is None:
+            raise ValueError(f"data.{field} is not set")
+    call = (config_path, overrides, args.force)
+    rows = run_rank(*call) if launched() else run_local(run_rank, cfg.run.nproc, *call)[0]
+    print(json.dumps(rows, default=str))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="the whole SPIN loop for run.iterations iterations (resumable)",
+                       description=__doc__)
+    add_config_args(p, required=False)
+    p.add_argument("--force", action="store_true", help="reuse run.dir even if it was made with another config")
+    p.set_defaults(func=run)

@@ -1,0 +1,204 @@
+"""The SPIN loop: generate, score, train, evaluate, for t = 0 .. T-1 (Chen et al. 2024, Algorithm 1).
+
+    run_spin(cfg, pstate)            every iteration, then the results table and plot
+    run_iteration(cfg, pstate, ...)  one iteration, in the order below
+
+Every stage writes its outputs atomically with a manifest, and a re-run skips what is
+complete: generation and reference shards resume individually, the trainer resumes from
+its last checkpoint, and ``iter_t/eval.json`` (written last) marks an iteration done.
+
+Where this departs from the paper:
+* The opponent's log-probs are computed once per iteration right after generation and
+  stored with the pairs (the opponent *is* the reference), so training holds one model.
+* Held-out prompts get opponent responses too, so the main player's ability to tell
+  y from y' can be measured; iterating stops early when held-out pair accuracy of
+  theta_{t+1} against theta_t falls below ``run.stop_pair_accuracy`` (the paper always
+  runs a fixed number of iterations).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from spin_mcore.config import Config, per_iteration
+from spin_mcore.eval.builtin import checker_for, exact_match, greedy_responses, heldout_nll, pair_metrics
+from spin_mcore.run_dir import RunDir, claim_run_dir, save_eval, write_results
+from spin_mcore.utils.io import read_json
+from spin_mcore.utils.shards import read_stage
+
+
+@dataclass
+class Prepared:
+    """Tokenised data of a run: training prompts, held-out prompts (capped for eval), and answers if checkable."""
+
+    train: list
+    heldout: list
+    tokenizer: object
+    answers: Optional[dict] = None
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _log(pstate, msg: str) -> None:
+    if pstate.is_logging_rank:
+        print(f"[spin] {msg}", flush=True)
+
+
+def prepare(cfg: Config, pstate) -> Prepared:
+    """Load, split and tokenise ``cfg.data`` (deterministic, so every rank does it independently)."""
+    from spin_mcore.data.prepare import prepare_sft_data
+    from spin_mcore.data.tokenizer import load_tokenizer
+
+    if cfg.data.tokenizer is None:
+        raise ValueError("data.tokenizer is not set")
+    tok = load_tokenizer(cfg.data.tokenizer)
+    data = prepare_sft_data(cfg.data, tok, verbose=pstate.is_logging_rank)
+    answers = None
+    checker = checker_for(cfg.run.checker)
+    if checker is not None:
+        answers = checker[1](cfg.data.path)
+    return Prepared(data.train, data.heldout[: cfg.run.eval_prompts], tok, answers)
+
+
+def load_policy(cfg: Config, pstate, checkpoint: Optional[str]):
+    """Build this rank's model stage and load the mcore ``checkpoint`` for inference."""
+    from spin_mcore.models.checkpoint import load_model_checkpoint
+    from spin_mcore.models.gpt import build_gpt_model
+
+    model = build_gpt_model(cfg.model, pstate, cfg.precision)
+    if checkpoint is not None:
+        load_model_checkpoint(model, pstate, checkpoint)
+    model.eval()
+    return model
+
+
+def import_initial_model(cfg: Config, pstate, run: RunDir) -> str:
+    """theta_0 as an mcore checkpoint: ``run.init_checkpoint`` itself, or its conversion from HF (done once)."""
+    if not cfg.run.init_from_hf:
+        return cfg.run.init_checkpoint
+    from spin_mcore.models.checkpoint import save_model_checkpoint
+    from spin_mcore.models.gpt import build_gpt_model
+    from spin_mcore.models.hf_convert import load_hf_weights
+
+    target = run.theta(0)
+    if not (target / "spin_mcore.json").exists():
+        model = build_gpt_model(cfg.model, pstate, cfg.precision)
+        load_hf_weights(model, pstate, cfg.run.init_checkpoint, cfg.model)
+        save_model_checkpoint(model, pstate, target, cfg.model, extra={"source": str(cfg.run.init_checkpoint)})
+        del model
+    return str(target)
+
+
+def score_pairs(cfg, pstate, checkpoint: str, pair_dirs: list, out_dir: Path) -> list[dict]:
+    """log p(y|x), log p(y'|x) under ``checkpoint`` for every pair in ``pair_dirs``, via the reference pass."""
+    from spin_mcore.training.reference import compute_reference_logprobs
+
+    model = load_policy(cfg, pstate, checkpoint)
+    compute_reference_logprobs(cfg, model, pstate, pair_dirs, out_dir, model_id=str(checkpoint))
+    del model
+    gc.collect()
+    return list(read_stage(out_dir))
+
+
+def evaluate(cfg: Config, pstate, data: Prepared, checkpoint: str, heldout_pairs: Path, heldout_ref: Optional[list],
+             work_dir: Path) -> dict:
+    """Held-out NLL, pair accuracy/margin against the opponent's scores, and verifiable accuracy of ``checkpoint``."""
+    policy = score_pairs(cfg, pstate, checkpoint, [heldout_pairs], work_dir / "heldout_scores")
+    out = {"heldout_nll": heldout_nll(policy)}
+    if heldout_ref is not None:
+        out.update(pair_metrics(policy, heldout_ref))
+    if data.answers is not None:
+        model = load_policy(cfg, pstate, checkpoint)
+        texts = greedy_responses(model, pstate, data.heldout, data.tokenizer, cfg.generation.max_new_tokens,
+                                 cfg.model.vocab_size, cfg.generation.batch_size)
+        del model
+        out["exact_match"] = exact_match(texts, [data.answers[p.id] for p in data.heldout],
+                                         checker_for(cfg.run.checker)[0])
+        out["example"] = texts[0] if texts else ""
+    return out
+
+
+def generate_and_score(cfg: Config, pstate, run: RunDir, t: int, theta: str, prompts: list, tok, name: str) -> Path:
+    """Steps 1-2 for one prompt set: y' ~ theta_t into ``iter_t/<name>_generation``, then theta_t's log-probs."""
+    from spin_mcore.generation.stage import generate_opponent
+    from spin_mcore.training.reference import compute_reference_logprobs
+
+    gen_dir = run.iteration(t) / f"{name}_generation"
+    ref_dir = run.iteration(t) / f"{name}_reference"
+    model = load_policy(cfg, pstate, theta)
+    summary = generate_opponent(cfg, model, pstate, prompts, tok, gen_dir, t, checkpoint_id=str(theta))
+    _log(pstate, f"iter {t}: generated {name}: {summary.get('samples', '?')} samples, "
+                 f"{summary.get('tokens_per_s', 0):.0f} tok/s")
+    compute_reference_logprobs(cfg, model, pstate, [gen_dir], ref_dir, model_id=str(theta))
+    del model
+    gc.collect()
+    return ref_dir
+
+
+def run_iteration(cfg: Config, pstate, run: RunDir, t: int, theta: str, data: Prepared) -> tuple[str, dict]:
+    """One SPIN iteration from theta_t; returns (theta_{t+1} checkpoint, evaluation row)."""
+    from spin_mcore.training.trainer import train
+
+    start = time.perf_counter()
+    # 1-2. Opponent responses y' ~ theta_t and theta_t's log-probs, for training and held-out prompts.
+    train_pairs = generate_and_score(cfg, pstate, run, t, theta, data.train, data.tokenizer, "train")
+    heldout_pairs = generate_and_score(cfg, pstate, run, t, theta, data.heldout, data.tokenizer, "heldout")
+    # 3. This iteration's pairs plus the previous iteration's (paper: 50k -> 100k).
+    pair_dirs = [train_pairs]
+    if cfg.spin.keep_previous_iteration and t > 0:
+        pair_dirs.append(run.iteration(t - 1) / "train_reference")
+    # 4-5. Train E epochs from theta_t; the trainer writes theta_{t+1} as train/model.
+    summary = train(cfg, pstate, pair_dirs, theta, run.train(t), iteration=t)
+    theta_next = str(summary.get("model", run.train(t) / "model"))
+    # 6. Evaluate theta_{t+1} against theta_t's scores of the held-out pairs.
+    heldout_ref = list(read_stage(heldout_pairs))
+    row = evaluate(cfg, pstate, data, theta_next, heldout_pairs, heldout_ref, run.iteration(t) / "eval_work")
+    row.update(iteration=t + 1, model=f"SPIN iter {t + 1}", beta=float(per_iteration(cfg.spin.beta, t)),
+               lr=float(per_iteration(cfg.train.lr, t)), train_steps=summary.get("steps"),
+               train_pair_accuracy=(summary.get("final") or {}).get("accuracy"),
+               seconds=round(time.perf_counter() - start, 1))
+    return theta_next, row
+
+
+def run_spin(cfg: Config, pstate, force: bool = False, baseline_row: Optional[dict] = None) -> list[dict]:
+    """All iterations of ``cfg`` in ``cfg.run.dir``; collective. Returns the per-iteration rows."""
+    run = RunDir(cfg.run.dir)
+    if pstate.is_logging_rank:
+        claim_run_dir(run, cfg.to_dict(), force)
+    _barrier()
+    if cfg.run.init_checkpoint is None:
+        raise ValueError("run.init_checkpoint is not set: SPIN starts from an SFT model (theta_0)")
+    data = prepare(cfg, pstate)
+    rows = [baseline_row] if baseline_row else []
+    theta = import_initial_model(cfg, pstate, run)
+    for t in range(cfg.run.iterations):
+        done = read_json(run.eval_file(t))
+        if done is not None:
+            _log(pstate, f"iter {t}: complete, skipping ({run.eval_file(t)})")
+            row, theta = done["row"], done["theta_next"]
+        else:
+            theta, row = run_iteration(cfg, pstate, run, t, theta, data)
+            if pstate.is_logging_rank:
+                save_eval(run, t, {"row": row, "theta_next": theta})
+            _barrier()
+        rows.append(row)
+        _log(pstate, "iter %d: " % t + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in row.items() if k != "example"))
+        if pstate.is_logging_rank:
+            write_results(run, rows, title="SPIN")
+        acc = row.get("pair_accuracy")
+        if acc is not None and acc == acc and acc < cfg.run.stop_pair_accuracy and t < cfg.run.iterations - 1:
+            _log(pstate, f"stopping after iteration {t}: held-out pair accuracy {acc:.3f} < "
+                         f"run.stop_pair_accuracy={cfg.run.stop_pair_accuracy} (the main player can no longer "
+                         "tell human from generated responses)")
+            break
+    return rows
