@@ -119,11 +119,14 @@ def plot_results(rows: list[dict], path: Path, title: str) -> None:
 
     import matplotlib.pyplot as plt
 
-    metrics = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and k not in ("iteration",)]
+    metrics: list[str] = []
+    for r in rows:  # a metric may be missing from some rows (no pair accuracy for the SFT baseline)
+        metrics += [k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and k not in ("iteration", "train_steps", "seconds") and k not in metrics]
     labels = [str(r.get("model", r.get("iteration"))) for r in rows]
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4 * max(1, len(metrics)), 3.2), squeeze=False)
     for ax, key in zip(axes[0], metrics):
-        ax.plot(range(len(rows)), [r.get(key) for r in rows], marker="o")
+        ax.plot(range(len(rows)), [float("nan") if r.get(key) is None else r[key] for r in rows], marker="o")
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(key, fontsize=10)
         ax.grid(alpha=0.3)

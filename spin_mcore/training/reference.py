@@ -1,0 +1,116 @@
+"""The reference pass: log p_theta_t(y|x) and log p_theta_t(y'|x) under the opponent, stored with the pairs.
+
+SPIN's reference model is the opponent theta_t that generated y'. Scoring every
+pair once, right after generation, means training keeps one model resident. The
+pass uses exactly the training code path (``spin_mcore.training.step``: same
+collate, same fixed padding, same micro-batch size, same Megatron schedule and
+log-prob function), so at step 0 the policy reproduces these numbers to rounding.
+
+Output: a ShardedStage directory (resumable by shard) whose records are the input
+records plus ``ref_logp_real`` and ``ref_logp_generated`` (fp32 sums over response tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from spin_mcore.training.batches import REF_GEN, REF_REAL, collate, example_from_record
+from spin_mcore.training.step import LossSpec, score_microbatches
+from spin_mcore.utils.io import read_json
+from spin_mcore.utils.shards import ShardedStage, fingerprint, read_stage
+
+
+def loss_spec(cfg, pstate, iteration: int = 0) -> LossSpec:
+    """The :class:`LossSpec` of ``cfg`` for SPIN iteration ``iteration``."""
+    from spin_mcore.config import per_iteration
+
+    return LossSpec(objective=cfg.train.objective, beta=float(per_iteration(cfg.spin.beta, iteration)),
+                    loss_type=cfg.spin.loss, sft_weight=cfg.spin.sft_weight,
+                    length_normalize=cfg.spin.length_normalize, vocab_size=cfg.model.vocab_size,
+                    tp_group=pstate.tp_group if pstate.tp > 1 else None)
+
+
+def _fingerprint(cfg, in_dirs: Sequence, model_id: str) -> str:
+    inputs = [(str(Path(d).resolve()), (read_json(Path(d) / "manifest.json") or {}).get("fingerprint")) for d in in_dirs]
+    return fingerprint({"inputs": inputs, "model": cfg.model.__dict__, "model_id": model_id,
+                        "micro_batch": cfg.train.micro_batch_size, "precision": cfg.precision.recipe})
+
+
+def _score_records(cfg, model, pstate, records: list[dict], spec: LossSpec) -> dict[int, tuple[float, float]]:
+    """{index in records: (ref_real, ref_gen)}, gathered onto every rank. Collective."""
+    mb, seq_len = cfg.train.micro_batch_size, cfg.model.seq_length
+    mine = list(range(pstate.dp_rank, len(records), pstate.dp))
+    # Every DP rank runs the same number of micro-batches; the padding repeats an item and is discarded.
+    n_mb = max(1, math.ceil(math.ceil(len(records) / pstate.dp) / mb))
+    padded = (mine + [mine[-1] if mine else 0] * (n_mb * mb))[: n_mb * mb]
+    examples = [example_from_record(records[i], f"record {i}", need_generated=True, need_refs=False) for i in padded]
+    micro = [collate(examples[k * mb:(k + 1) * mb], seq_len, "spin") for k in range(n_mb)]
+    seq = score_microbatches(model, micro, spec, seq_len, mb)  # last stage: n_mb tensors [2 mb]
+    found: dict[int, tuple[float, float]] = {}
+    if pstate.is_last_stage and pstate.tp_rank == 0:
+        for k, s in enumerate(seq):
+            for j in range(mb):
+                pos = k * mb + j
+                if pos < len(mine):
+                    found[mine[pos]] = (float(s[j]), float(s[mb + j]))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, found)
+        found = {k: v for part in parts for k, v in part.items()}
+    return found
+
+
+def compute_reference_logprobs(cfg, model, pstate, in_dirs: Sequence, out_dir, force: bool = False,
+                               model_id: str = "") -> dict:
+    """Score every pair of ``in_dirs`` (generation stage outputs) with ``model`` (theta_t); collective.
+
+    Writes ``out_dir`` as a resumable ShardedStage (``cfg.generation.shard_size`` pairs per shard);
+    shards already present are skipped. ``model_id`` (e.g. the checkpoint path) goes into the
+    stage fingerprint so scores of a different model are never mixed in. Returns the summary dict.
+    """
+    start = time.perf_counter()
+    spec = loss_spec(cfg, pstate)
+    if spec.objective != "spin":
+        spec = LossSpec(**{**spec.__dict__, "objective": "spin"})
+    records = [r for d in in_dirs for r in read_stage(d)]
+    if not records:
+        raise ValueError(f"reference pass: no records in {list(map(str, in_dirs))}")
+    stage_fp = _fingerprint(cfg, in_dirs, model_id)
+    if pstate.rank == 0:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    stage = ShardedStage(out_dir, "reference", stage_fp, force=force)
+    if stage.complete:
+        return stage.manifest.get("summary", {})
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read the manifest before rank 0 may rewrite it
+
+    shard = cfg.generation.shard_size
+    model.eval()
+    scored = 0
+    for index, lo in enumerate(range(0, len(records), shard)):
+        if stage.has_shard(index):
+            continue
+        chunk = records[lo:lo + shard]
+        found = _score_records(cfg, model, pstate, chunk, spec)
+        if pstate.rank == 0:
+            out = []
+            for i, rec in enumerate(chunk):
+                real, gen = found[i]
+                out.append({**rec, REF_REAL: real, REF_GEN: gen})
+            stage.write_shard(index, out)
+        scored += len(chunk)
+    summary = {"pairs": len(records), "scored_now": scored, "seconds": round(time.perf_counter() - start, 3),
+               "micro_batch_size": cfg.train.micro_batch_size, "seq_length": cfg.model.seq_length}
+    if pstate.rank == 0:
+        stage.finalize(summary)
+    if dist.is_initialized():
+        dist.barrier()
+    return summary

@@ -1,0 +1,188 @@
+"""One optimizer step (``train_step``) and one scoring pass (``score_microbatches``) on Megatron's schedules.
+
+Both use the same ``forward_step`` and the same log-prob code, so the reference
+log-probs stored after generation are bitwise what the policy computes at step 0.
+
+Loss normalisation (exact over the whole global batch)
+------------------------------------------------------
+``spin_loss`` / ``sft_loss`` get ``normalizer`` = the number of valid pairs (or
+scored tokens) of the WHOLE global batch, all-reduced over DP before the step, so
+the micro-batch losses simply add up to the global mean. Megatron must then not
+rescale: the model config sets ``calculate_per_token_loss=True`` (no division by
+``num_microbatches`` in ``forward_step_calc_loss``, and DDP sums rather than
+averages over DP) and the loss function returns the 3-tuple
+``(loss, num_tokens=0, stats)``, so ``finalize_model_grads`` skips its
+``1/num_tokens`` scaling. Gradient accumulation and DP are therefore exact sums of
+per-pair gradients / N_global.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+# Per-micro-batch statistics, summed over micro-batches and ranks (order matters: see STAT_NAMES).
+STAT_NAMES = ("loss", "margin_sum", "correct", "valid", "real_logp_sum", "gen_logp_sum", "tokens", "truncated")
+
+
+@dataclass
+class LossSpec:
+    """What the loss function needs besides the batch."""
+
+    objective: str  # spin | sft
+    beta: float
+    loss_type: str
+    sft_weight: float
+    length_normalize: bool
+    vocab_size: int  # true vocab; padded columns are excluded from the softmax
+    tp_group: object = None
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, tp_group, vocab_size: int):
+    """(seq_logps [R] fp32, token_counts [R] int64) from vocab-parallel logits [R, S, V/tp].
+
+    Uses ``spin_mcore.logprobs.sequence_logprobs`` (the fused kernel) when present;
+    otherwise Megatron's ``vocab_parallel_cross_entropy`` with padded vocab columns masked.
+    """
+    try:
+        from spin_mcore.logprobs import sequence_logprobs
+    except ImportError:
+        sequence_logprobs = None
+    if sequence_logprobs is not None:
+        out = sequence_logprobs(logits, labels, loss_mask, tp_group=tp_group, vocab_size=vocab_size)
+        return out.seq_logps.float(), out.token_counts
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    v_local = logits.shape[-1]
+    tp_rank = dist.get_rank(tp_group) if tp_group is not None and dist.is_initialized() else 0
+    col = torch.arange(v_local, device=logits.device) + tp_rank * v_local
+    logits = logits.float().masked_fill(col >= vocab_size, -1e30)
+    # Megatron's CE is sequence-first [S, R, V]
+    nll = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous())
+    token_logps = -nll.transpose(0, 1) * loss_mask  # [R, S]
+    return token_logps.sum(dim=1), loss_mask.sum(dim=1).to(torch.long)
+
+
+def _loss_func(batch: dict, spec: LossSpec, normalizer: torch.Tensor, logits: torch.Tensor):
+    """Megatron loss_func for one micro-batch: returns (loss, 0, stats) (see module docstring)."""
+    from spin_mcore.training.loss import sft_loss, spin_loss
+
+    seq, counts = sequence_logps(logits, batch["labels"], batch["loss_mask"], spec.tp_group, spec.vocab_size)  # [R]
+    valid = batch["valid"]
+    mb = valid.shape[0]
+    stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+    stats[6] = float(batch["num_tokens"])
+    stats[7] = float(batch["truncated"])
+    if spec.objective == "spin":
+        policy_real, policy_gen = seq[:mb], seq[mb:]
+        ref_real, ref_gen = batch["ref_real"], batch["ref_gen"]
+        if spec.length_normalize:
+            n_real = counts[:mb].clamp(min=1).float()
+            n_gen = counts[mb:].clamp(min=1).float()
+            policy_real, policy_gen = policy_real / n_real, policy_gen / n_gen
+            ref_real, ref_gen = ref_real / n_real, ref_gen / n_gen
+        out = spin_loss(policy_real, policy_gen, ref_real, ref_gen, spec.beta, spec.loss_type,
+                        valid=valid, normalizer=normalizer[0].clamp(min=1))
+        loss = out.loss
+        if spec.sft_weight:
+            loss = loss + spec.sft_weight * sft_loss(torch.where(valid, seq[:mb], 0.0),  # sums, not means
+                                                     torch.where(valid, counts[:mb], 0),
+                                                     normalizer=normalizer[1].clamp(min=1))
+        v = valid
+        stats[1] = float(out.margins[v].sum())
+        stats[2] = float((out.margins[v] > 0).sum())
+        stats[3] = float(v.sum())
+        stats[4] = float(seq[:mb].detach()[v].sum())
+        stats[5] = float(seq[mb:].detach()[v].sum())
+    else:
+        loss = sft_loss(torch.where(valid, seq, 0.0), torch.where(valid, counts, 0), normalizer=normalizer[1].clamp(min=1))
+        stats[3] = float(valid.sum())
+        stats[4] = float(seq.detach()[valid].sum())
+    stats[0] = float(loss.detach())
+    return loss, torch.zeros([], dtype=torch.int), {"stats": stats, "seq_logps": seq.detach(), "counts": counts}
+
+
+def forward_step(spec: LossSpec, normalizer: torch.Tensor, data_iterator, model):
+    """Megatron forward_step_func: (logits [R, S, V/tp] on the last stage, loss_func)."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], attention_mask=None)
+    return output, partial(_loss_func, batch, spec, normalizer)
+
+
+def rows_per_microbatch(objective: str, micro_batch: int) -> int:
+    return 2 * micro_batch if objective == "spin" else micro_batch
+
+
+def run_schedule(model, microbatches: list[dict], spec: LossSpec, normalizer: torch.Tensor, seq_len: int,
+                 micro_batch: int, forward_only: bool) -> list[dict]:
+    """Run Megatron's forward(-backward) schedule (1F1B when PP > 1); the per-micro-batch loss dicts
+    on the last pipeline stage, [] elsewhere."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    fb = get_forward_backward_func()
+    return fb(
+        forward_step_func=partial(forward_step, spec, normalizer),
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=seq_len,
+        micro_batch_size=rows_per_microbatch(spec.objective, micro_batch),
+        forward_only=forward_only,
+    )
+
+
+def reduce_stats(outputs: list[dict], pstate) -> torch.Tensor:
+    """fp64 [len(STAT_NAMES)] summed over micro-batches, DP and the last stage; identical on every rank.
+
+    Only last-stage ranks with tp_rank 0 contribute, so each number is counted once.
+    """
+    total = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+    if pstate.is_last_stage and pstate.tp_rank == 0:
+        for out in outputs:
+            total += out["stats"]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    return total
+
+
+def train_step(model, optimizer, microbatches: list[dict], spec: LossSpec, seq_len: int, micro_batch: int,
+               pstate, clip_grad: float) -> dict:
+    """One optimizer step over this rank's micro-batches of the global batch.
+
+    Skips the update (returns ``skipped=True``) when the loss or the global grad norm is not finite.
+    Returns {"stats": fp64 [len(STAT_NAMES)] global sums, "grad_norm": float, "skipped": bool}.
+    """
+    from spin_mcore.training.batches import global_counts
+
+    normalizer = global_counts(microbatches, spec.objective)  # [pairs, tokens] on this DP rank
+    if pstate.dp > 1:
+        dist.all_reduce(normalizer, group=pstate.dp_group)
+    normalizer = normalizer.float()
+
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    outputs = run_schedule(model, microbatches, spec, normalizer, seq_len, micro_batch, forward_only=False)
+    stats = reduce_stats(outputs, pstate)
+
+    # The optimizer's own step() would update before we could look at the norm: run its phases.
+    found_inf = optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    skipped = bool(found_inf) or not math.isfinite(grad_norm) or not math.isfinite(float(stats[0]))
+    if not skipped:
+        if clip_grad > 0:
+            optimizer.clip_grad_norm(clip_grad)
+        skipped = not optimizer.step_with_ready_grads()
+    return {"stats": stats, "grad_norm": grad_norm, "skipped": skipped}
+
+
+def score_microbatches(model, microbatches: list[dict], spec: LossSpec, seq_len: int, micro_batch: int) -> list[torch.Tensor]:
+    """Forward-only pass with the training code path: per micro-batch seq_logps [R] fp32 on the last stage."""
+    n = torch.ones(2)
+    with torch.no_grad():
+        outputs = run_schedule(model, microbatches, spec, n, seq_len, micro_batch, forward_only=True)
+    return [o["seq_logps"] for o in outputs]

@@ -1,0 +1,175 @@
+"""One SPIN iteration's training (theta_t -> theta_{t+1}), or plain SFT, on Megatron-Core.
+
+    train(cfg, pstate, data, init_checkpoint, out_dir, iteration) -> summary
+
+Order of one run:
+    setup_model      build this rank's stage, load theta_t, wrap in Megatron DDP
+    build_optimizer  RMSProp/Adam in Megatron's wrappers (distributed optimizer when DP > 1)
+    resume           the newest complete checkpoint under out_dir/train_state, if any
+    loop             train_step per global batch; metrics; checkpoints every save_interval
+    save             final train_state + the model checkpoint out_dir/model (theta_{t+1})
+
+Where this departs from the paper (Chen et al. 2024, Algorithm 1): nothing in the
+objective. Steps whose loss or gradient is not finite are skipped (no update; the
+LR schedule still advances with the data position) and counted; the last partial global batch of the sample
+order is dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from spin_mcore.config import ConfigError, per_iteration
+from spin_mcore.training.batches import collate, load_examples, make_plan
+from spin_mcore.training.metrics import MetricsLogger
+from spin_mcore.training.reference import loss_spec
+from spin_mcore.training.step import STAT_NAMES, rows_per_microbatch, train_step
+from spin_mcore.training.train_checkpoint import latest_checkpoint, load_train_checkpoint, save_train_checkpoint
+
+
+class TooManySkippedSteps(RuntimeError):
+    """More than ``train.max_skipped_steps`` steps had a non-finite loss or gradient."""
+
+
+def setup_model(cfg, pstate, init_checkpoint: Optional[str] = None, wrap_ddp: bool = True):
+    """This rank's policy stage with theta_t loaded, ready for Megatron's schedules.
+
+    Sets ``calculate_per_token_loss`` and ``finalize_model_grads_func`` on the model config
+    (see :mod:`spin_mcore.training.step` for why) before wrapping in DDP. Returns the DDP
+    model (or the bare ``GPTModel`` when ``wrap_ddp`` is False).
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from spin_mcore.models.gpt import build_gpt_model
+
+    model = build_gpt_model(cfg.model, pstate, cfg.precision, recompute=cfg.train.recompute,
+                            sequence_parallel=cfg.parallel.sequence_parallel)
+    if init_checkpoint:
+        if cfg.run.init_from_hf:
+            from spin_mcore.models.hf_convert import load_hf_weights
+
+            load_hf_weights(model, pstate, init_checkpoint, cfg.model)
+        else:
+            from spin_mcore.models.checkpoint import load_model_checkpoint
+
+            load_model_checkpoint(model, pstate, init_checkpoint)
+    model.config.calculate_per_token_loss = True
+    model.config.finalize_model_grads_func = finalize_model_grads
+    if not wrap_ddp:
+        return model
+    ddp_cfg = DistributedDataParallelConfig(use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+                                            grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+    ddp = DistributedDataParallel(model.config, ddp_cfg, model)
+    model.config.no_sync_func = ddp.no_sync
+    return ddp
+
+
+def _step_metrics(stats: torch.Tensor, objective: str, grad_norm: float, lr: float, seconds: float,
+                  skipped_total: int) -> dict:
+    s = dict(zip(STAT_NAMES, stats.tolist()))
+    n = max(s["valid"], 1.0)
+    out = {"loss": s["loss"], "grad_norm": grad_norm, "lr": lr, "tokens_per_s": s["tokens"] / max(seconds, 1e-9),
+           "step_seconds": seconds, "skipped_steps": skipped_total, "truncated": s["truncated"]}
+    if objective == "spin":
+        out.update(margin=s["margin_sum"] / n, accuracy=s["correct"] / n,
+                   logp_real=s["real_logp_sum"] / n, logp_generated=s["gen_logp_sum"] / n)
+    else:
+        out.update(logp_real=s["real_logp_sum"] / n)
+    return out
+
+
+def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, iteration: int = 0) -> dict:
+    """Train one iteration on ``data``; collective over all ranks. Resumes from ``out_dir`` when possible.
+
+    Args:
+        data: ShardedStage directories and/or in-memory records. SPIN records need ``prompt_ids``,
+            ``real_ids``, ``generated_ids``, ``ref_logp_real``, ``ref_logp_generated``; SFT
+            records (``train.objective=sft``) need ``prompt_ids`` and ``real_ids``/``response_ids``.
+        init_checkpoint: theta_t (model checkpoint dir; HF dir with ``run.init_from_hf``); None keeps
+            the seeded random init (tests).
+        out_dir: run directory of this iteration: ``train_state/``, ``metrics.jsonl``,
+            ``tensorboard/`` and the final model checkpoint ``model/``.
+        iteration: SPIN iteration t (selects beta and peak LR).
+    Returns a summary dict (same on every rank): steps, skipped, final metrics, model path, seconds.
+    Raises TooManySkippedSteps past ``train.max_skipped_steps`` non-finite steps.
+    """
+    from spin_mcore.models.checkpoint import save_model_checkpoint
+    from spin_mcore.models.gpt import params_dtype
+    from spin_mcore.training.optimizer import build_optimizer
+    from spin_mcore.training.schedule import build_lr_schedule
+
+    t_cfg = cfg.train
+    out_dir = Path(out_dir)
+    objective = t_cfg.objective
+    examples = load_examples(list(data), objective, need_refs=objective == "spin")
+    plan, total_steps = make_plan(len(examples), t_cfg.epochs, t_cfg.seed, t_cfg.global_batch_size,
+                                  t_cfg.micro_batch_size, pstate.dp, t_cfg.max_steps)
+    spec = loss_spec(cfg, pstate, iteration)
+    seq_len = cfg.model.seq_length
+    peak_lr = float(per_iteration(t_cfg.lr, iteration))
+
+    model = setup_model(cfg, pstate, init_checkpoint)
+    dtype = params_dtype(cfg.precision, pstate.device.type == "cuda")
+    use_dist_opt = cfg.parallel.distributed_optimizer
+    optimizer = build_optimizer(t_cfg, [model], peak_lr, use_dist_opt, dtype)
+    scheduler = build_lr_schedule(optimizer, peak_lr, total_steps, t_cfg.warmup_fraction)
+
+    state_root = out_dir / "train_state"
+    step, skipped, tokens_seen = 0, 0, 0.0
+    resume_from = latest_checkpoint(state_root)
+    if resume_from is not None:
+        loop = load_train_checkpoint(resume_from, model, optimizer, scheduler, pstate)
+        step, skipped, tokens_seen = int(loop["step"]), int(loop["skipped"]), float(loop["tokens"])
+        if loop.get("total_steps", total_steps) != total_steps:
+            raise ConfigError(f"{resume_from}: was trained for {loop['total_steps']} steps, this config gives "
+                              f"{total_steps}; use a fresh output directory")
+
+    model.train()
+    start = time.perf_counter()
+    last: dict = {}
+    logger = MetricsLogger(out_dir, pstate.is_logging_rank, total_steps, start_step=step)
+    try:
+        if resume_from is not None:
+            logger.message(f"resumed from {resume_from} at step {step}/{total_steps}")
+        while step < total_steps:
+            t0 = time.perf_counter()
+            micro = [collate([examples[i] for i in idx.tolist()], seq_len, objective)
+                     for idx in plan.rank_microbatches(step, pstate.dp_rank)]
+            lr = float(scheduler.get_lr())
+            result = train_step(model, optimizer, micro, spec, seq_len, t_cfg.micro_batch_size, pstate, t_cfg.clip_grad)
+            if result["skipped"]:
+                skipped += 1
+                logger.message(f"step {step + 1}: non-finite loss or grad norm "
+                               f"(loss={float(result['stats'][0])}, grad_norm={result['grad_norm']}); skipped "
+                               f"({skipped} so far, limit train.max_skipped_steps={t_cfg.max_skipped_steps})")
+                if skipped > t_cfg.max_skipped_steps:
+                    raise TooManySkippedSteps(
+                        f"stopping at step {step + 1}: {skipped} steps skipped for non-finite loss/grad "
+                        f"(train.max_skipped_steps={t_cfg.max_skipped_steps}); check the data, the LR and the reference log-probs")
+            # The schedule follows the data position, skipped or not, so a run with a skip
+            # stays on the same LR curve as one without.
+            scheduler.step()
+            step += 1
+            seconds = time.perf_counter() - t0
+            tokens_seen += float(result["stats"][STAT_NAMES.index("tokens")])
+            last = _step_metrics(result["stats"], objective, result["grad_norm"], lr, seconds, skipped)
+            if step % max(t_cfg.log_interval, 1) == 0 or step == total_steps:
+                logger.log(step, last)
+            if step % max(t_cfg.save_interval, 1) == 0 or step == total_steps:
+                save_train_checkpoint(state_root, step, model, optimizer, scheduler, pstate,
+                                      {"skipped": skipped, "tokens": tokens_seen, "total_steps": total_steps},
+                                      keep=t_cfg.keep_checkpoints)
+    finally:
+        logger.close()
+
+    model_dir = save_model_checkpoint(model, pstate, out_dir / "model", cfg.model,
+                                      extra={"iteration": iteration + 1, "objective": objective, "steps": step})
+    return {"steps": step, "total_steps": total_steps, "skipped_steps": skipped, "tokens": tokens_seen,
+            "final": last, "model": str(model_dir), "seconds": round(time.perf_counter() - start, 3),
+            "resumed_from": str(resume_from) if resume_from else None,
+            "rows_per_microbatch": rows_per_microbatch(objective, t_cfg.micro_batch_size),
+            "num_microbatches": plan.num_microbatches}
