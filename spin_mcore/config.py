@@ -138,6 +138,7 @@ class TrainConfig:
     max_skipped_steps: int = _f(10, "Abort after this many steps skipped for non-finite loss/grad.")
     log_interval: int = _f(1, "Steps between console/TensorBoard log lines.")
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
+    pack_sequences: bool = _f(False, "SPIN only: pack several pairs per micro-batch row [1, 2 * micro_batch_size * seq_length] with block-diagonal attention (PackedSeqParams) instead of padding each sequence.")
 
 
 @dataclass
@@ -343,6 +344,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"spin.beta={s.beta}: need at least one positive value")
     t = cfg.train
     _choice("train.objective", t.objective, ("spin", "sft"))
+    if t.pack_sequences and t.objective != "spin":
+        raise ConfigError("train.pack_sequences=true needs train.objective=spin (SFT rows are not packed)")
     _choice("train.optimizer", t.optimizer, ("rmsprop", "adam"))
     if not t.lr or any(lr < 0 for lr in t.lr):
         raise ConfigError(f"train.lr={t.lr}: need at least one non-negative value")

@@ -127,8 +127,13 @@ def evaluate(cfg: Config, pstate, data: Prepared, checkpoint: str, heldout_pairs
     return out
 
 
-def generate_and_score(cfg: Config, pstate, run: RunDir, t: int, theta: str, prompts: list, tok, name: str) -> Path:
-    """Steps 1-2 for one prompt set: y' ~ theta_t into ``iter_t/<name>_generation``, then theta_t's log-probs."""
+def generate_and_score(cfg: Config, pstate, run: RunDir, t: int, theta: str, prompts: list, tok, name: str,
+                       extra_pairs: Optional[list] = None) -> Path:
+    """Steps 1-2 for one prompt set: y' ~ theta_t into ``iter_t/<name>_generation``, then theta_t's log-probs.
+
+    ``extra_pairs`` (earlier iterations' generation dirs) are scored by theta_t too: theta_t is
+    the reference of every pair trained on in iteration t, whichever iterate generated it.
+    """
     from spin_mcore.generation.stage import generate_opponent
     from spin_mcore.training.reference import compute_reference_logprobs
 
@@ -138,7 +143,7 @@ def generate_and_score(cfg: Config, pstate, run: RunDir, t: int, theta: str, pro
     summary = generate_opponent(cfg, model, pstate, prompts, tok, gen_dir, t, checkpoint_id=str(theta))
     _log(pstate, f"iter {t}: generated {name}: {summary.get('samples', '?')} samples, "
                  f"{summary.get('tokens_per_s', 0):.0f} tok/s")
-    compute_reference_logprobs(cfg, model, pstate, [gen_dir], ref_dir, model_id=str(theta))
+    compute_reference_logprobs(cfg, model, pstate, [gen_dir, *(extra_pairs or [])], ref_dir, model_id=str(theta))
     del model
     gc.collect()
     return ref_dir
@@ -149,19 +154,18 @@ def run_iteration(cfg: Config, pstate, run: RunDir, t: int, theta: str, data: Pr
     from spin_mcore.training.trainer import train
 
     start = time.perf_counter()
-    # 1-2. Opponent responses y' ~ theta_t and theta_t's log-probs, for training and held-out prompts.
-    train_pairs = generate_and_score(cfg, pstate, run, t, theta, data.train, data.tokenizer, "train")
+    # 1-3. Opponent responses y' ~ theta_t, plus the previous iteration's pairs (paper: 50k -> 100k),
+    #      all scored by theta_t; and the same for held-out prompts (evaluation only).
+    previous = [run.iteration(t - 1) / "train_generation"] if cfg.spin.keep_previous_iteration and t > 0 else []
+    train_pairs = generate_and_score(cfg, pstate, run, t, theta, data.train, data.tokenizer, "train", previous)
     heldout_pairs = generate_and_score(cfg, pstate, run, t, theta, data.heldout, data.tokenizer, "heldout")
-    # 3. This iteration's pairs plus the previous iteration's (paper: 50k -> 100k).
-    pair_dirs = [train_pairs]
-    if cfg.spin.keep_previous_iteration and t > 0:
-        pair_dirs.append(run.iteration(t - 1) / "train_reference")
     # 4-5. Train E epochs from theta_t; the trainer writes theta_{t+1} as train/model.
-    summary = train(cfg, pstate, pair_dirs, theta, run.train(t), iteration=t)
+    summary = train(cfg, pstate, [train_pairs], theta, run.train(t), iteration=t)
     theta_next = str(summary.get("model", run.train(t) / "model"))
     # 6. Evaluate theta_{t+1} against theta_t's scores of the held-out pairs.
     heldout_ref = list(read_stage(heldout_pairs))
-    row = evaluate(cfg, pstate, data, theta_next, heldout_pairs, heldout_ref, run.iteration(t) / "eval_work")
+    row = evaluate(cfg, pstate, data, theta_next, run.iteration(t) / "heldout_generation", heldout_ref,
+                   run.iteration(t) / "eval_work")
     row.update(iteration=t + 1, model=f"SPIN iter {t + 1}", beta=float(per_iteration(cfg.spin.beta, t)),
                lr=float(per_iteration(cfg.train.lr, t)), train_steps=summary.get("steps"),
                train_pair_accuracy=(summary.get("final") or {}).get("accuracy"),

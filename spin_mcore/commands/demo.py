@@ -5,22 +5,22 @@ from __future__ import annotations
 import json
 
 
-def _demo_rank(out: str, size: str, seed: int, force: bool) -> dict:
+def _demo_rank(out: str, size: str, seed: int, force: bool, overrides: list) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning)
     from spin_mcore.demo.experiment import run_demo
 
-    return run_demo(out, size, seed, force)
+    return run_demo(out, size, seed, force, overrides)
 
 
 def run(args) -> int:
     from spin_mcore.launcher import launched, run_local
 
     if launched():
-        result = _demo_rank(args.out, args.size, args.seed, args.force)
+        result = _demo_rank(args.out, args.size, args.seed, args.force, args.overrides)
     else:
-        result = run_local(_demo_rank, args.nproc, args.out, args.size, args.seed, args.force)[0]
+        result = run_local(_demo_rank, args.nproc, args.out, args.size, args.seed, args.force, args.overrides)[0]
     rows = {r["model"]: r for r in result["rows"]}
     spin_last = [r for name, r in rows.items() if name.startswith("SPIN")][-1]
     base, ctrl = rows["SFT (theta_0)"], rows["continued SFT"]
@@ -42,4 +42,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for data order, init and sampling")
     p.add_argument("--nproc", type=int, default=1, help="local processes (data parallel)")
     p.add_argument("--force", action="store_true", help="reuse --out even if it was made with another config")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the SPIN config, e.g. train.lr=[3e-5] spin.beta=[0.1]")
     p.set_defaults(func=run)

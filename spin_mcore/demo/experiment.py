@@ -8,9 +8,10 @@ Steps (all through the product's own stages, on the CPU platform):
    ``plateau_tol`` (relative) -- the paper starts from a fully SFT-trained model, which is
    what makes continued SFT a fair control; the model's weakness comes from its size;
 3. ``iterations`` SPIN iterations from that theta_0 (:func:`spin_mcore.loop.run_spin`);
-4. the paper's Table 5 control: continued SFT from theta_0 on the human responses for the
-   same training compute (the same number of sequences through forward+backward as SPIN's
-   training; SPIN's generation cost is not charged to the control, which favours the control);
+4. the paper's Table 5 control: continued SFT from theta_0 on the human responses with
+   SPIN's optimizer, LR schedule and training compute (the same number of sequences through
+   forward+backward as SPIN's training; SPIN's generation cost is not charged to the
+   control, which favours the control), so only the objective differs;
 5. a table (held-out exact match, held-out NLL, pair accuracy) and a PNG plot.
 """
 
@@ -45,35 +46,38 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(hidden=64, layers=2, spin_prompts=512, eval_prompts=200, sft_max_rounds=8, sft_records=6000),
+    "full": DemoSize(hidden=64, layers=2, spin_prompts=512, eval_prompts=200, sft_max_rounds=16, sft_records=6000),
     "small": DemoSize(hidden=48, layers=2, spin_prompts=128, eval_prompts=64, sft_max_rounds=3, sft_records=1500,
                       iterations=2),
 }
 
 
-def demo_config(out: Path, size: DemoSize, tokenizer: Path, vocab_size: int, seed: int) -> Config:
-    """The SPIN config of the demo (also written to ``out/spin/config.yaml`` by the loop)."""
+def demo_config(out: Path, size: DemoSize, tokenizer: Path, vocab_size: int, seed: int,
+                overrides: Optional[list[str]] = None) -> Config:
+    """The SPIN config of the demo (also written to ``out/spin/config.yaml`` by the loop); ``overrides`` win."""
     heads = 4
     return load_config(overrides=[
         "model.preset=tiny", f"model.hidden_size={size.hidden}", f"model.num_layers={size.layers}",
         f"model.num_attention_heads={heads}", "model.num_query_groups=2",
         f"model.ffn_hidden_size={(size.hidden * 11 // 4) // 8 * 8}", f"model.vocab_size={vocab_size}",
-        "model.seq_length=80", "model.make_vocab_size_divisible_by=64",
+        "model.seq_length=56", "model.make_vocab_size_divisible_by=64",
         f"data.path={out / 'data' / 'arith.jsonl'}", f"data.tokenizer={tokenizer}",
-        "data.max_prompt_length=40", "data.max_response_length=32",
+        "data.max_prompt_length=28", "data.max_response_length=24",
         f"data.heldout_fraction={max(size.eval_prompts / size.sft_records, 0.02):.4f}",
         f"data.num_prompts={size.spin_prompts}", f"data.seed={seed}",
-        "generation.temperature=1.0", "generation.max_new_tokens=32", "generation.batch_size=64",
+        "generation.temperature=1.0", "generation.max_new_tokens=24", "generation.batch_size=64",
         "generation.shard_size=256", f"generation.seed={seed}",
         "spin.beta=[0.1]", "spin.loss=logistic",
-        "train.optimizer=rmsprop", "train.lr=[1e-4]", "train.global_batch_size=32", "train.micro_batch_size=32",
+        "train.optimizer=rmsprop", "train.lr=[1e-5]", "train.global_batch_size=32", "train.micro_batch_size=32",
         "train.epochs=2", "train.save_interval=1000", "train.clip_grad=1.0", f"train.seed={seed}",
         f"run.dir={out / 'spin'}", f"run.iterations={size.iterations}", "run.checker=arith",
         f"run.eval_prompts={size.eval_prompts}", "run.stop_pair_accuracy=0.0",
+        *(overrides or []),
     ])
 
 
-def _sft_config(cfg: Config, size: DemoSize, data_path: Path) -> Config:
+def _sft_config(cfg: Config, data_path: Path) -> Config:
+    """The SFT recipe that takes the demo model from random init to theta_0 (Adam, one epoch per round)."""
     sft = copy.deepcopy(cfg)
     sft.train.objective = "sft"
     sft.train.optimizer = "adam"
@@ -155,12 +159,13 @@ def _prepare_inputs(out: Path, size: DemoSize, seed: int, pstate) -> Path:
 
             recs = [json.loads(line) for line in data_path.read_text(encoding="utf-8").splitlines()]
             texts = [format_prompt(r["prompt"], "instruction") + r["response"] for r in recs]
-            train_sentencepiece(texts, tok_dir, vocab_size=320, seed=seed)
+            train_sentencepiece(texts, tok_dir, vocab_size=512, seed=seed)
     _barrier()
     return tok_dir / "tokenizer.model"
 
 
-def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool = False) -> dict:
+def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool = False,
+             overrides: Optional[list[str]] = None) -> dict:
     """The whole demo on this rank (collective). Returns {"rows": [...], "sft_history": [...], "seconds"}."""
     from spin_mcore.config import ParallelConfig
     from spin_mcore.data.tokenizer import load_tokenizer
@@ -178,8 +183,8 @@ def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool =
 
     tok_path = _prepare_inputs(out, size, seed, pstate)
     tok = load_tokenizer(tok_path)
-    cfg = demo_config(out, size, tok_path, tok.vocab_size, seed)
-    sft_cfg = _sft_config(cfg, size, out / "data" / "arith.jsonl")
+    cfg = demo_config(out, size, tok_path, tok.vocab_size, seed, overrides)
+    sft_cfg = _sft_config(cfg, out / "data" / "arith.jsonl")
     sft_data = prepare(sft_cfg, pstate)
     log(f"step 1: tokenizer ({tok.vocab_size} pieces), {len(sft_data.train)} SFT records, "
         f"{len(sft_data.heldout)} held-out prompts")
@@ -205,12 +210,13 @@ def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool =
     base = evaluate(cfg, pstate, data, theta0, heldout0, None, out / "eval_sft")
     base.update(model="SFT (theta_0)", iteration=0)
 
-    # 4. Control: continued SFT from theta_0 for SPIN's training compute (sequences through fwd+bwd).
+    # 4. Control: continued SFT from theta_0 with SPIN's optimizer, LR and schedule for SPIN's training
+    #    compute (sequences through forward+backward); only the objective differs.
     spin_sequences = sum(2 * cfg.train.global_batch_size * int(r.get("train_steps") or 0) for r in spin_rows)
-    ctrl_cfg = copy.deepcopy(sft_cfg)
-    ctrl_cfg.train.lr = [float(cfg.train.lr[0]) * 3]
-    steps = max(1, spin_sequences // ctrl_cfg.train.global_batch_size)
-    ctrl_cfg.train.max_steps = steps
+    ctrl_cfg = copy.deepcopy(cfg)
+    ctrl_cfg.train.objective = "sft"
+    ctrl_cfg.train.global_batch_size = ctrl_cfg.train.micro_batch_size = 2 * cfg.train.global_batch_size
+    ctrl_cfg.train.max_steps = max(1, spin_sequences // ctrl_cfg.train.global_batch_size)
     summary = train(ctrl_cfg, pstate, _records(sft_data.train), theta0, out / "continued_sft", iteration=0)
     theta_ctrl = str(summary.get("model", out / "continued_sft" / "model"))
     ctrl = evaluate(cfg, pstate, data, theta_ctrl, heldout0, ref0, out / "eval_continued_sft")

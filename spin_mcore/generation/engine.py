@@ -358,23 +358,12 @@ def generate_tokens(model, pstate, prompts: list[list[int]], params: SamplingPar
     (default: the model's padded vocab). Returns, per prompt and per sample, the
     generated ids without the prompt, ending with the stop token when one was hit.
     """
-    bar = None
-    if progress and pstate.rank == 0:
-        from tqdm import tqdm
+    from spin_mcore.utils.progress import TokenRateBar
 
-        bar = tqdm(total=len(prompts) * params.num_samples, desc="generate", unit="sample", dynamic_ncols=True)
-    tokens = [0]
-    start = time.perf_counter()
-
-    def on_finish(n: int) -> None:
-        tokens[0] += n
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(tok_s=f"{tokens[0] / max(time.perf_counter() - start, 1e-9):.1f}")
-
+    bar = TokenRateBar(len(prompts) * params.num_samples, "generate", enabled=progress and pstate.rank == 0)
     try:
-        outputs, _ = generate_with_stats(model, pstate, prompts, params, prompt_keys, batch_size, vocab_size, on_finish)
+        outputs, _ = generate_with_stats(model, pstate, prompts, params, prompt_keys, batch_size, vocab_size,
+                                         bar.on_finish)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return outputs

@@ -50,20 +50,34 @@ def _map_device(value: Any) -> Any:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA placement requests to the CPU for every torch call."""
+    """Rewrites CUDA placement requests to the CPU for every torch call.
+
+    This runs on every torch op of the process, so the common case (no kwargs to
+    rewrite, not one of the few special methods) returns after two cheap checks.
+    """
+
+    _SPECIAL = frozenset({torch.Tensor.cuda, torch.Tensor.pin_memory, torch.Tensor.record_stream,
+                          torch.Tensor.type, torch.Tensor.to})
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        name = getattr(func, "__name__", "")
-        if "device" in kwargs:
-            kwargs["device"] = _map_device(kwargs["device"])
-        if kwargs.get("pin_memory"):
-            kwargs["pin_memory"] = False
-        if func is torch.Tensor.cuda or name in ("pin_memory", "record_stream"):
-            return args[0] if name != "record_stream" else None
+        if kwargs:
+            if "device" in kwargs or kwargs.get("pin_memory"):
+                kwargs = dict(kwargs)
+                if "device" in kwargs:
+                    kwargs["device"] = _map_device(kwargs["device"])
+                if kwargs.get("pin_memory"):
+                    kwargs["pin_memory"] = False
+        else:
+            kwargs = {}
+        if func not in self._SPECIAL:
+            return func(*args, **kwargs)
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.record_stream:
+            return None
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             cpu_name = func(*args)
-            return cpu_name.replace("torch.", "torch.cuda.", 1) if "cuda" not in cpu_name else cpu_name
+            return cpu_name if "cuda" in cpu_name else cpu_name.replace("torch.", "torch.cuda.", 1)
         if func is torch.Tensor.to:
             args = tuple(_map_device(a) if _is_cuda_device(a) else a for a in args)
         return func(*args, **kwargs)

@@ -57,9 +57,9 @@ class MetricsLogger:
             except ImportError:  # tensorboard is optional; the JSONL file is the record
                 self._tb = None
         if progress:
-            from tqdm import tqdm
+            from spin_mcore.utils.progress import progress_bar
 
-            self._bar = tqdm(total=total_steps, initial=start_step, desc=prefix, dynamic_ncols=True,
+            self._bar = progress_bar(total=total_steps, initial=start_step, desc=prefix, dynamic_ncols=True,
                              disable=os.environ.get("SPIN_MCORE_NO_PROGRESS") == "1")
 
     def log(self, step: int, metrics: dict) -> None:

@@ -41,6 +41,7 @@ class LossSpec:
     length_normalize: bool
     vocab_size: int  # true vocab; padded columns are excluded from the softmax
     tp_group: object = None
+    qkv_format: str = "sbhd"  # packed rows only: 'thd' under Transformer Engine (see training/packed.py)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, tp_group, vocab_size: int):
@@ -72,7 +73,12 @@ def _loss_func(batch: dict, spec: LossSpec, normalizer: torch.Tensor, logits: to
     """Megatron loss_func for one micro-batch: returns (loss, 0, stats) (see module docstring)."""
     from spin_mcore.training.loss import sft_loss, spin_loss
 
-    seq, counts = sequence_logps(logits, batch["labels"], batch["loss_mask"], spec.tp_group, spec.vocab_size)  # [R]
+    if "segment_ids" in batch:  # packed row (train.pack_sequences): per-segment sums, same [R] order
+        from spin_mcore.training.packed import packed_sequence_logps
+
+        seq, counts = packed_sequence_logps(logits, batch, spec.tp_group, spec.vocab_size)
+    else:
+        seq, counts = sequence_logps(logits, batch["labels"], batch["loss_mask"], spec.tp_group, spec.vocab_size)  # [R]
     valid = batch["valid"]
     mb = valid.shape[0]
     stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
@@ -108,9 +114,19 @@ def _loss_func(batch: dict, spec: LossSpec, normalizer: torch.Tensor, logits: to
 
 
 def forward_step(spec: LossSpec, normalizer: torch.Tensor, data_iterator, model):
-    """Megatron forward_step_func: (logits [R, S, V/tp] on the last stage, loss_func)."""
+    """Megatron forward_step_func: (logits [R, S, V/tp] on the last stage, loss_func).
+
+    A packed batch (``cu_seqlens`` present, [1, row_len]) runs with Megatron ``PackedSeqParams``.
+    """
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], attention_mask=None)
+    if "cu_seqlens" in batch:
+        from spin_mcore.training.packed import build_packed_seq_params
+
+        params = build_packed_seq_params(batch["cu_seqlens"], batch["tokens"].shape[1], spec.qkv_format,
+                                         device=batch["tokens"].device)
+        output = model(batch["tokens"], batch["position_ids"], attention_mask=None, packed_seq_params=params)
+    else:
+        output = model(batch["tokens"], batch["position_ids"], attention_mask=None)
     return output, partial(_loss_func, batch, spec, normalizer)
 
 
@@ -119,9 +135,9 @@ def rows_per_microbatch(objective: str, micro_batch: int) -> int:
 
 
 def run_schedule(model, microbatches: list[dict], spec: LossSpec, normalizer: torch.Tensor, seq_len: int,
-                 micro_batch: int, forward_only: bool) -> list[dict]:
+                 micro_batch: int, forward_only: bool, rows: Optional[int] = None) -> list[dict]:
     """Run Megatron's forward(-backward) schedule (1F1B when PP > 1); the per-micro-batch loss dicts
-    on the last pipeline stage, [] elsewhere."""
+    on the last pipeline stage, [] elsewhere. ``rows`` overrides the rows per micro-batch (1 when packed)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     fb = get_forward_backward_func()
@@ -131,7 +147,7 @@ def run_schedule(model, microbatches: list[dict], spec: LossSpec, normalizer: to
         model=[model],
         num_microbatches=len(microbatches),
         seq_length=seq_len,
-        micro_batch_size=rows_per_microbatch(spec.objective, micro_batch),
+        micro_batch_size=rows if rows is not None else rows_per_microbatch(spec.objective, micro_batch),
         forward_only=forward_only,
     )
 
@@ -151,8 +167,10 @@ def reduce_stats(outputs: list[dict], pstate) -> torch.Tensor:
 
 
 def train_step(model, optimizer, microbatches: list[dict], spec: LossSpec, seq_len: int, micro_batch: int,
-               pstate, clip_grad: float) -> dict:
+               pstate, clip_grad: float, rows: Optional[int] = None) -> dict:
     """One optimizer step over this rank's micro-batches of the global batch.
+
+    Packed micro-batches (``train.pack_sequences``) pass ``seq_len`` = the packed row length and ``rows=1``.
 
     Skips the update (returns ``skipped=True``) when the loss or the global grad norm is not finite.
     Returns {"stats": fp64 [len(STAT_NAMES)] global sums, "grad_norm": float, "skipped": bool}.
@@ -166,7 +184,7 @@ def train_step(model, optimizer, microbatches: list[dict], spec: LossSpec, seq_l
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    outputs = run_schedule(model, microbatches, spec, normalizer, seq_len, micro_batch, forward_only=False)
+    outputs = run_schedule(model, microbatches, spec, normalizer, seq_len, micro_batch, forward_only=False, rows=rows)
     stats = reduce_stats(outputs, pstate)
 
     # The optimizer's own step() would update before we could look at the norm: run its phases.
@@ -180,9 +198,10 @@ def train_step(model, optimizer, microbatches: list[dict], spec: LossSpec, seq_l
     return {"stats": stats, "grad_norm": grad_norm, "skipped": skipped}
 
 
-def score_microbatches(model, microbatches: list[dict], spec: LossSpec, seq_len: int, micro_batch: int) -> list[torch.Tensor]:
+def score_microbatches(model, microbatches: list[dict], spec: LossSpec, seq_len: int, micro_batch: int,
+                       rows: Optional[int] = None) -> list[torch.Tensor]:
     """Forward-only pass with the training code path: per micro-batch seq_logps [R] fp32 on the last stage."""
     n = torch.ones(2)
     with torch.no_grad():
-        outputs = run_schedule(model, microbatches, spec, n, seq_len, micro_batch, forward_only=True)
+        outputs = run_schedule(model, microbatches, spec, n, seq_len, micro_batch, forward_only=True, rows=rows)
     return [o["seq_logps"] for o in outputs]

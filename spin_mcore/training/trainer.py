@@ -110,6 +110,17 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
                                   t_cfg.micro_batch_size, pstate.dp, t_cfg.max_steps)
     spec = loss_spec(cfg, pstate, iteration)
     seq_len = cfg.model.seq_length
+    packed = bool(t_cfg.pack_sequences)
+    if packed:
+        import dataclasses
+
+        from spin_mcore.training.packed import pack_microbatches, packed_qkv_format, packed_row_length
+
+        if objective != "spin":
+            raise ConfigError("train.pack_sequences=true needs train.objective=spin")
+        spec = dataclasses.replace(spec, qkv_format=packed_qkv_format(pstate))
+        row_len = packed_row_length(seq_len, t_cfg.micro_batch_size)
+    positions = 0  # row positions this rank ran through the model (padding included)
     peak_lr = float(per_iteration(t_cfg.lr, iteration))
 
     model = setup_model(cfg, pstate, init_checkpoint)
@@ -137,10 +148,17 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
             logger.message(f"resumed from {resume_from} at step {step}/{total_steps}")
         while step < total_steps:
             t0 = time.perf_counter()
-            micro = [collate([examples[i] for i in idx.tolist()], seq_len, objective)
-                     for idx in plan.rank_microbatches(step, pstate.dp_rank)]
+            if packed:
+                # All of this rank's pairs of the step are packed together: same pairs, fewer rows.
+                mine = torch.cat(plan.rank_microbatches(step, pstate.dp_rank)).tolist()
+                micro, _ = pack_microbatches([examples[i] for i in mine], seq_len, t_cfg.micro_batch_size)
+            else:
+                micro = [collate([examples[i] for i in idx.tolist()], seq_len, objective)
+                         for idx in plan.rank_microbatches(step, pstate.dp_rank)]
+            positions += sum(b["tokens"].numel() for b in micro)
             lr = float(scheduler.get_lr())
-            result = train_step(model, optimizer, micro, spec, seq_len, t_cfg.micro_batch_size, pstate, t_cfg.clip_grad)
+            result = train_step(model, optimizer, micro, spec, row_len if packed else seq_len,
+                                t_cfg.micro_batch_size, pstate, t_cfg.clip_grad, rows=1 if packed else None)
             if result["skipped"]:
                 skipped += 1
                 logger.message(f"step {step + 1}: non-finite loss or grad norm "
@@ -171,5 +189,5 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
     return {"steps": step, "total_steps": total_steps, "skipped_steps": skipped, "tokens": tokens_seen,
             "final": last, "model": str(model_dir), "seconds": round(time.perf_counter() - start, 3),
             "resumed_from": str(resume_from) if resume_from else None,
-            "rows_per_microbatch": rows_per_microbatch(objective, t_cfg.micro_batch_size),
-            "num_microbatches": plan.num_microbatches}
+            "rows_per_microbatch": 1 if packed else rows_per_microbatch(objective, t_cfg.micro_batch_size),
+            "num_microbatches": plan.num_microbatches, "packed": packed, "positions_this_rank": positions}
