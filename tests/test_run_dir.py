@@ -1,0 +1,32 @@
+"""Run directory: a different config is refused (naming the fields) unless forced; results table and plot."""
+
+import pytest
+import yaml
+
+from spin_mcore.config import load_config
+from spin_mcore.run_dir import RunConfigMismatchError, RunDir, claim_run_dir, format_table, write_results
+
+
+def test_changed_config_is_refused_unless_forced(tmp_path):
+    run = RunDir(tmp_path / "run")
+    cfg = load_config(overrides=["model.preset=tiny"]).to_dict()
+    claim_run_dir(run, cfg)
+    claim_run_dir(run, cfg)  # same config: fine
+    resumable = load_config(overrides=["model.preset=tiny", "run.nproc=4", "train.log_interval=5"]).to_dict()
+    claim_run_dir(run, resumable)  # process count and logging may change between re-runs
+    changed = load_config(overrides=["model.preset=tiny", "spin.loss=hinge", "train.lr=[1e-6]"]).to_dict()
+    with pytest.raises(RunConfigMismatchError, match=r"spin.loss: 'logistic' -> 'hinge'; train.lr: .* --force"):
+        claim_run_dir(run, changed)
+    claim_run_dir(run, changed, force=True)
+    assert yaml.safe_load(run.config_file.read_text())["spin"]["loss"] == "hinge"
+
+
+def test_results_table_and_plot(tmp_path):
+    rows = [{"model": "SFT", "exact_match": 0.5, "pair_accuracy": None},
+            {"model": "SPIN iter 1", "exact_match": 0.625, "pair_accuracy": 0.75}]
+    assert format_table(rows) == (
+        "| model | exact_match | pair_accuracy |\n|---|---|---|\n"
+        "| SFT | 0.5000 |  |\n| SPIN iter 1 | 0.6250 | 0.7500 |\n")
+    write_results(RunDir(tmp_path), rows)
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "results.jsonl").read_text().count("\n") == 2
