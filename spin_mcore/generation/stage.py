@@ -30,6 +30,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from spin_mcore.platform.collectives import all_reduce_host
+
 from spin_mcore.config import ConfigError
 from spin_mcore.generation.engine import generate_with_stats
 from spin_mcore.generation.sampling import SamplingParams
@@ -51,7 +53,7 @@ def weights_checksum(model) -> str:
         local[0] += w.sum() * (1 + (i % 7))
         local[1] += w.pow(2).sum()
     if _dist():
-        dist.all_reduce(local)
+        all_reduce_host(local)
     return f"{local[0].item():.10e}/{local[1].item():.10e}"
 
 
@@ -204,7 +206,7 @@ def generate_opponent(cfg, model, pstate, prompts: Sequence, tokenizer, out_dir,
     # Tokens of this run, counted once per DP group (TP ranks hold the same outputs).
     counted = torch.tensor([float(tokens[1] if pstate.tp_rank == 0 else 0), seconds], dtype=torch.float64)
     if _dist() and not external:
-        dist.all_reduce(counted[:1])
+        all_reduce_host(counted[:1])
     total_shards = len(done_keys) + len(todo)
     summary = {"iteration": iteration, "prompts": len(accepted), "samples": len(accepted) * g.num_samples,
                "shards": total_shards, "shards_resumed": len(done_keys), "generated_tokens_this_run": int(counted[0]),

@@ -26,6 +26,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from spin_mcore.platform.collectives import all_reduce_host
+
 # Per-micro-batch statistics, summed over micro-batches and ranks (order matters: see STAT_NAMES).
 STAT_NAMES = ("loss", "margin_sum", "correct", "valid", "real_logp_sum", "gen_logp_sum", "tokens", "truncated")
 
@@ -119,6 +121,9 @@ def forward_step(spec: LossSpec, normalizer: torch.Tensor, data_iterator, model)
     A packed batch (``cu_seqlens`` present, [1, row_len]) runs with Megatron ``PackedSeqParams``.
     """
     batch = next(data_iterator)
+    # Collation happens on the CPU; move this micro-batch next to the weights (a no-op on the CPU platform).
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     if "cu_seqlens" in batch:
         from spin_mcore.training.packed import build_packed_seq_params
 
@@ -162,7 +167,7 @@ def reduce_stats(outputs: list[dict], pstate) -> torch.Tensor:
         for out in outputs:
             total += out["stats"]
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total)
+        all_reduce_host(total)
     return total
 
 
@@ -179,7 +184,7 @@ def train_step(model, optimizer, microbatches: list[dict], spec: LossSpec, seq_l
 
     normalizer = global_counts(microbatches, spec.objective)  # [pairs, tokens] on this DP rank
     if pstate.dp > 1:
-        dist.all_reduce(normalizer, group=pstate.dp_group)
+        all_reduce_host(normalizer, group=pstate.dp_group)
     normalizer = normalizer.float()
 
     model.zero_grad_buffer()
