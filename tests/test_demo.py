@@ -37,8 +37,9 @@ def demo_run(tmp_path_factory):
 def test_sft_lowers_heldout_nll_each_round(demo_run):
     _, result, _ = demo_run
     nll = [h["heldout_nll"] for h in result["sft_history"]]
-    assert len(nll) >= 2
-    assert all(b < a for a, b in zip(nll, nll[1:])), nll
+    best = nll.index(min(nll))
+    assert best >= 1 and min(nll) < 0.8 * nll[0], nll
+    assert all(b < a for a, b in zip(nll[:best + 1], nll[1:best + 1])), nll  # monotone up to theta_0
     assert nll[0] < math.log(512)  # far below a uniform guess over the vocabulary
 
 
@@ -66,7 +67,7 @@ def test_outputs_describe_the_run(demo_run):
     for name in ("results.md", "results.png", "results.jsonl", "spin/config.yaml", "spin/results.md"):
         assert (out / name).stat().st_size > 0, name
     table = (out / "results.md").read_text()
-    for model in ("SFT (theta_0)", "SPIN iter 1", "SPIN iter 2", "continued SFT"):
+    for model in ("SFT (theta_0)", "SPIN iter 1", "SPIN iter 2", "continued SFT", "continued SFT, SPIN optimizer"):
         assert model in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -23,10 +23,12 @@ def run(args) -> int:
         result = run_local(_demo_rank, args.nproc, args.out, args.size, args.seed, args.force, args.overrides)[0]
     rows = {r["model"]: r for r in result["rows"]}
     spin_last = [r for name, r in rows.items() if name.startswith("SPIN")][-1]
-    base, ctrl = rows["SFT (theta_0)"], rows["continued SFT"]
+    base, ctrl, ctrl_opt = rows["SFT (theta_0)"], rows["continued SFT"], rows["continued SFT, SPIN optimizer"]
     print(f"demo finished in {result['seconds']:.0f} s")
     print(f"held-out exact match: SFT {base['exact_match']:.3f} -> SPIN {spin_last['exact_match']:.3f} "
-          f"(continued SFT {ctrl['exact_match']:.3f})")
+          f"(continued SFT {ctrl['exact_match']:.3f}; with SPIN's optimizer {ctrl_opt['exact_match']:.3f})")
+    print(f"held-out NLL of human responses: SFT {base['heldout_nll']:.4f} -> SPIN {spin_last['heldout_nll']:.4f} "
+          f"(continued SFT {ctrl['heldout_nll']:.4f}; with SPIN's optimizer {ctrl_opt['heldout_nll']:.4f})")
     print(json.dumps({"seconds": result["seconds"], "rows": result["rows"]}))
     return 0
 

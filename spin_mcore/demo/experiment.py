@@ -8,10 +8,10 @@ Steps (all through the product's own stages, on the CPU platform):
    ``plateau_tol`` (relative) -- the paper starts from a fully SFT-trained model, which is
    what makes continued SFT a fair control; the model's weakness comes from its size;
 3. ``iterations`` SPIN iterations from that theta_0 (:func:`spin_mcore.loop.run_spin`);
-4. the paper's Table 5 control: continued SFT from theta_0 on the human responses with
-   SPIN's optimizer, LR schedule and training compute (the same number of sequences through
-   forward+backward as SPIN's training; SPIN's generation cost is not charged to the
-   control, which favours the control), so only the objective differs;
+4. the paper's control: continued SFT from theta_0 on the human responses for SPIN's training
+   compute (the same number of sequences through forward+backward; SPIN's generation cost is
+   not charged, which favours the control), once with the SFT recipe (as the paper) and once
+   with SPIN's optimizer and LR schedule (so that only the objective differs);
 5. a table (held-out exact match, held-out NLL, pair accuracy) and a PNG plot.
 """
 
@@ -115,11 +115,12 @@ def write_human_pairs(directory: Path, prompts, pstate) -> Path:
 
 
 def sft_to_plateau(cfg: Config, pstate, data, out: Path, max_rounds: int, plateau_tol: float = 0.02,
-                   log=print) -> tuple[str, list[dict]]:
-    """Rounds of one SFT epoch from random init until held-out NLL improves by < ``plateau_tol``.
+                   patience: int = 2, log=print) -> tuple[str, list[dict]]:
+    """Rounds of one SFT epoch from random init until ``patience`` rounds in a row fail to lower the
+    best held-out NLL by ``plateau_tol`` (relative).
 
-    Returns (theta_0 checkpoint, [{round, heldout_nll, steps}]). Each round resumes from the
-    previous round's model, so a killed demo restarts at the round it was in.
+    Returns (theta_0 = the round with the lowest held-out NLL, [{round, heldout_nll, steps}]).
+    Each round resumes from the previous round's model, so a killed demo restarts at the round it was in.
     """
     from spin_mcore.eval.builtin import heldout_nll
     from spin_mcore.loop import score_pairs
@@ -128,7 +129,7 @@ def sft_to_plateau(cfg: Config, pstate, data, out: Path, max_rounds: int, platea
     human = write_human_pairs(out / "heldout_human", data.heldout, pstate)
     history: list[dict] = []
     theta: Optional[str] = None
-    best = float("inf")
+    best, best_theta, stale = float("inf"), None, 0
     for r in range(max_rounds):
         round_dir = out / f"round_{r}"
         summary = train(cfg, pstate, _records(data.train), theta, round_dir, iteration=0)
@@ -136,10 +137,12 @@ def sft_to_plateau(cfg: Config, pstate, data, out: Path, max_rounds: int, platea
         nll = heldout_nll(score_pairs(cfg, pstate, theta, [human], round_dir / "heldout_scores"))
         history.append({"round": r, "heldout_nll": nll, "steps": summary.get("steps")})
         log(f"SFT round {r}: held-out NLL {nll:.4f} ({summary.get('steps')} steps)")
-        if nll > best * (1 - plateau_tol):
+        stale = 0 if nll < best * (1 - plateau_tol) else stale + 1
+        if nll < best:
+            best, best_theta = nll, theta
+        if stale >= patience:
             break
-        best = min(best, nll)
-    return theta, history
+    return best_theta, history
 
 
 def _prepare_inputs(out: Path, size: DemoSize, seed: int, pstate) -> Path:
@@ -198,7 +201,7 @@ def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool =
         _barrier()
     else:
         theta0, history = sft_state["theta0"], sft_state["history"]
-    log(f"step 2: SFT plateaued after {len(history)} rounds: held-out NLL {history[-1]['heldout_nll']:.4f}")
+    log(f"step 2: SFT plateaued after {len(history)} rounds: best held-out NLL {min(h['heldout_nll'] for h in history):.4f}")
 
     # 3. SPIN iterations from theta_0.
     cfg.run.init_checkpoint = theta0
@@ -210,19 +213,25 @@ def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool =
     base = evaluate(cfg, pstate, data, theta0, heldout0, None, out / "eval_sft")
     base.update(model="SFT (theta_0)", iteration=0)
 
-    # 4. Control: continued SFT from theta_0 with SPIN's optimizer, LR and schedule for SPIN's training
-    #    compute (sequences through forward+backward); only the objective differs.
+    # 4. Controls: continued SFT from theta_0 for SPIN's training compute (sequences through
+    #    forward+backward), (a) with the SFT recipe itself, as the paper does, and (b) with SPIN's
+    #    optimizer, LR and schedule, so that only the objective differs.
     spin_sequences = sum(2 * cfg.train.global_batch_size * int(r.get("train_steps") or 0) for r in spin_rows)
-    ctrl_cfg = copy.deepcopy(cfg)
-    ctrl_cfg.train.objective = "sft"
-    ctrl_cfg.train.global_batch_size = ctrl_cfg.train.micro_batch_size = 2 * cfg.train.global_batch_size
-    ctrl_cfg.train.max_steps = max(1, spin_sequences // ctrl_cfg.train.global_batch_size)
-    summary = train(ctrl_cfg, pstate, _records(sft_data.train), theta0, out / "continued_sft", iteration=0)
-    theta_ctrl = str(summary.get("model", out / "continued_sft" / "model"))
-    ctrl = evaluate(cfg, pstate, data, theta_ctrl, heldout0, ref0, out / "eval_continued_sft")
-    ctrl.update(model="continued SFT", iteration=len(spin_rows), train_steps=summary.get("steps"))
+    controls = []
+    for name, base_cfg in (("continued SFT", sft_cfg), ("continued SFT, SPIN optimizer", cfg)):
+        ctrl_cfg = copy.deepcopy(base_cfg)
+        ctrl_cfg.train.objective = "sft"
+        ctrl_cfg.train.global_batch_size = ctrl_cfg.train.micro_batch_size = 2 * cfg.train.global_batch_size
+        ctrl_cfg.train.max_steps = max(1, spin_sequences // ctrl_cfg.train.global_batch_size)
+        ctrl_dir = out / name.replace(",", "").replace(" ", "_")
+        summary = train(ctrl_cfg, pstate, _records(sft_data.train), theta0, ctrl_dir, iteration=0)
+        theta_ctrl = str(summary.get("model", ctrl_dir / "model"))
+        ctrl = evaluate(cfg, pstate, data, theta_ctrl, heldout0, ref0, ctrl_dir / "eval")
+        ctrl.update(model=name, iteration=len(spin_rows), train_steps=summary.get("steps"))
+        controls.append(ctrl)
+        log(f"control {name!r}: exact match {ctrl['exact_match']:.3f}, held-out NLL {ctrl['heldout_nll']:.4f}")
 
-    rows = [base, *spin_rows, ctrl]
+    rows = [base, *spin_rows, *controls]
     columns = ["model", "exact_match", "heldout_nll", "pair_accuracy", "margin", "train_steps"]
     table = [{c: r.get(c) for c in columns} for r in rows]
     if pstate.is_logging_rank:
