@@ -118,11 +118,16 @@ def evaluate(cfg: Config, pstate, data: Prepared, checkpoint: str, heldout_pairs
         out.update(pair_metrics(policy, heldout_ref))
     if data.answers is not None:
         model = load_policy(cfg, pstate, checkpoint)
-        texts = greedy_responses(model, pstate, data.heldout, data.tokenizer, cfg.generation.max_new_tokens,
-                                 cfg.model.vocab_size, cfg.generation.batch_size)
+        answers, check = [data.answers[p.id] for p in data.heldout], checker_for(cfg.run.checker)[0]
+        g = cfg.generation
+        texts = greedy_responses(model, pstate, data.heldout, data.tokenizer, g.max_new_tokens,
+                                 cfg.model.vocab_size, g.batch_size)
+        sampled = greedy_responses(model, pstate, data.heldout, data.tokenizer, g.max_new_tokens,
+                                   cfg.model.vocab_size, g.batch_size, temperature=max(g.temperature, 1e-3),
+                                   seed=g.seed + 7919)  # a stream no training generation uses
         del model
-        out["exact_match"] = exact_match(texts, [data.answers[p.id] for p in data.heldout],
-                                         checker_for(cfg.run.checker)[0])
+        out["exact_match"] = exact_match(texts, answers, check)
+        out["sampled_exact_match"] = exact_match(sampled, answers, check)
         out["example"] = texts[0] if texts else ""
     return out
 

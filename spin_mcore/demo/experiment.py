@@ -232,7 +232,7 @@ def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool =
         log(f"control {name!r}: exact match {ctrl['exact_match']:.3f}, held-out NLL {ctrl['heldout_nll']:.4f}")
 
     rows = [base, *spin_rows, *controls]
-    columns = ["model", "exact_match", "heldout_nll", "pair_accuracy", "margin", "train_steps"]
+    columns = ["model", "exact_match", "sampled_exact_match", "heldout_nll", "pair_accuracy", "margin", "train_steps"]
     table = [{c: r.get(c) for c in columns} for r in rows]
     if pstate.is_logging_rank:
         write_results(RunDir(out), table, title="SPIN vs continued SFT (held-out)")
