@@ -25,6 +25,13 @@ class WorkerError(RuntimeError):
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, threads: int, env: dict) -> None:
     os.environ.update(env)
+    if os.environ.get("SPIN_MCORE_SHOW_WARNINGS") != "1":
+        import warnings
+
+        # Deprecation notices from torch.distributed and Megatron (apex/TE fallbacks) repeat on
+        # every rank and bury the progress output; SPIN_MCORE_SHOW_WARNINGS=1 shows them.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|torch)\.")
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)

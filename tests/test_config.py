@@ -97,3 +97,15 @@ def test_exponent_without_dot_is_a_number(tmp_path):
     path.write_text("train:\n  lr: [5e-7, 1e-7]\n")
     assert load_config(path).train.lr == [5e-7, 1e-7]
     assert load_config(overrides=["train.lr=[1e-4]", "spin.beta=[1e-1,5]"]).spin.beta == [0.1, 5.0]
+
+
+def test_shipped_paper_config_matches_the_paper():
+    from pathlib import Path
+
+    import spin_mcore
+
+    cfg = load_config(Path(spin_mcore.__file__).parent / "configs" / "spin_mistral_7b.yaml")
+    assert cfg.model.num_layers == 32 and cfg.model.num_query_groups == 8
+    assert cfg.spin.beta == [0.1, 0.1, 0.1, 5.0] and cfg.train.lr == [5e-7, 5e-7, 1e-7, 1e-7]
+    assert (cfg.train.optimizer, cfg.train.weight_decay, cfg.train.global_batch_size, cfg.train.epochs) == ("rmsprop", 0.0, 64, 2)
+    assert cfg.data.num_prompts == 50000 and cfg.run.iterations == 4

@@ -2,13 +2,15 @@
 
 Loads theta_t (``--checkpoint`` mcore dir, ``--hf`` HF dir, else ``run.init_checkpoint``),
 the SFT prompts of ``data.path`` (tokenised with ``data.tokenizer``), and writes the
-resumable shard directory ``--out`` (default ``RUN_DIR/iter-N/generated``). Re-running
+resumable shard directory ``--out`` (default ``RUN_DIR/iter_N/train_generation``, as in the loop). Re-running
 the same command resumes a killed run.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from spin_mcore.run_dir import RunDir
 
 
 def generate_rank(config: str | None, overrides: list[str], out: str, iteration: int, checkpoint: str | None,
@@ -77,7 +79,7 @@ def run(args) -> int:
 
     config, overrides = split_config_and_overrides(args)
     cfg = load_config(config, overrides)  # validate here, before spawning
-    out = args.out or str(Path(cfg.run.dir) / f"iter-{args.iteration}" / "generated")
+    out = args.out or str(RunDir(cfg.run.dir).iteration(args.iteration) / "train_generation")
     fn_args = (config, overrides, out, args.iteration, args.checkpoint, args.hf, args.force)
     if launched():
         generate_rank(*fn_args)
@@ -99,7 +101,7 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate opponent responses y' for every prompt (resumable shards)",
                        description=__doc__)
     add_config_args(p)
-    p.add_argument("--out", help="output stage directory (default RUN_DIR/iter-N/generated)")
+    p.add_argument("--out", help="output stage directory (default RUN_DIR/iter_N/train_generation, as in the loop)")
     p.add_argument("--iteration", type=int, default=0, help="SPIN iteration t (recorded and fingerprinted)")
     p.add_argument("--checkpoint", help="mcore checkpoint directory holding theta_t")
     p.add_argument("--hf", help="HF safetensors directory holding theta_t")
