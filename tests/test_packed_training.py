@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.ckpt_utils import checkpoint_weights
+
 from spin_mcore.training.batches import Example
 from spin_mcore.training.packed import build_packed_seq_params, collate_packed, pack_microbatches
 
@@ -70,14 +72,7 @@ def make_records(n: int, seed: int = 0, vocab: int = 500) -> list[dict]:
     return recs
 
 
-def _weights(ckpt_dir) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = Path(str(ckpt_dir) + ".pt")
-    if not out.exists():
-        dcp_to_torch_save(str(Path(ckpt_dir) / "model"), str(out))
-    sd = torch.load(out, weights_only=False)
-    return {k: v for k, v in sd.items() if torch.is_tensor(v) and "_extra_state" not in k}
+_weights = checkpoint_weights
 
 
 def _worker(tmp: str) -> dict:

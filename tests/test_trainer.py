@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.ckpt_utils import checkpoint_weights
+
 from spin_mcore.training.batches import Example, collate, make_plan
 from spin_mcore.training.metrics import MetricsLogger
 from spin_mcore.training.train_checkpoint import latest_checkpoint
@@ -127,15 +129,7 @@ def _fp64_logps(model, rows: list[tuple[list, list]], vocab: int) -> list[float]
     return out
 
 
-def _weights(ckpt_dir) -> dict:
-    """Full (unsharded) tensors of a model checkpoint, read without Megatron or a process group."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = Path(str(ckpt_dir) + ".pt")
-    if not out.exists():
-        dcp_to_torch_save(str(Path(ckpt_dir) / "model"), str(out))
-    sd = torch.load(out, weights_only=False)
-    return {k: v for k, v in sd.items() if torch.is_tensor(v) and "_extra_state" not in k}
+_weights = checkpoint_weights
 
 
 # ----------------------------------------------------------------------------- single-process worker

@@ -20,8 +20,8 @@ from spin_mcore.config import ConfigError, ParallelConfig
 
 
 def on_gpu() -> bool:
-    """True when this process should use CUDA."""
-    return torch.cuda.is_available() and os.environ.get("SPIN_MCORE_FORCE_CPU", "0") != "1"
+    """True when this process should use CUDA (always, where CUDA is available)."""
+    return torch.cuda.is_available()
 
 
 @dataclass
