@@ -192,33 +192,28 @@ def _model_cfg(hf_dir):
     return ModelConfig(**hf_config_to_fields(hf_dir))
 
 
-def test_missing_tensor_is_named(hf_models, tmp_path):
+def _drop_up_proj(t):
+    t.pop("model.layers.1.mlp.up_proj.weight")
+
+
+def _add_layer_4(t):
+    t["model.layers.4.self_attn.q_proj.weight"] = torch.zeros(64, 64)
+
+
+def _shrink_k_proj(t):
+    t["model.layers.2.self_attn.k_proj.weight"] = torch.zeros(16, 64)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_drop_up_proj, r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"),
+    (_add_layer_4, r"unexpected tensors.*model\.layers\.4\.self_attn\.q_proj\.weight"),
+    (_shrink_k_proj, r"model\.layers\.2\.self_attn\.k_proj\.weight has \[16, 64\], expected \[32, 64\]"),
+])
+def test_bad_tensors_are_named(hf_models, tmp_path, edit, match):
     from spin_mcore.models.hf_convert import HFWeightsError, check_hf_checkpoint
 
-    bad = _copy_with(hf_models["llama"][0], tmp_path / "bad", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(HFWeightsError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
-        check_hf_checkpoint(bad, _model_cfg(bad))
-
-
-def test_extra_tensor_is_named(hf_models, tmp_path):
-    from spin_mcore.models.hf_convert import HFWeightsError, check_hf_checkpoint
-
-    def add(t):
-        t["model.layers.4.self_attn.q_proj.weight"] = torch.zeros(64, 64)
-
-    bad = _copy_with(hf_models["llama"][0], tmp_path / "bad", add)
-    with pytest.raises(HFWeightsError, match=r"unexpected tensors.*model\.layers\.4\.self_attn\.q_proj\.weight"):
-        check_hf_checkpoint(bad, _model_cfg(bad))
-
-
-def test_shape_mismatch_is_named(hf_models, tmp_path):
-    from spin_mcore.models.hf_convert import HFWeightsError, check_hf_checkpoint
-
-    def shrink(t):
-        t["model.layers.2.self_attn.k_proj.weight"] = torch.zeros(16, 64)
-
-    bad = _copy_with(hf_models["llama"][0], tmp_path / "bad", shrink)
-    with pytest.raises(HFWeightsError, match=r"model\.layers\.2\.self_attn\.k_proj\.weight has \[16, 64\], expected \[32, 64\]"):
+    bad = _copy_with(hf_models["llama"][0], tmp_path / "bad", edit)
+    with pytest.raises(HFWeightsError, match=match):
         check_hf_checkpoint(bad, _model_cfg(bad))
 
 
