@@ -89,13 +89,17 @@ def claim_run_dir(run: RunDir, cfg_dict: dict, force: bool = False) -> None:
     atomic_write_text(run.config_file, yaml.safe_dump(cfg_dict, sort_keys=False))
 
 
-def write_results(run: RunDir, rows: list[dict], title: str = "SPIN") -> None:
-    """Write results.jsonl, a markdown table and a PNG plot of the per-iteration rows."""
+def write_results(run: RunDir, rows: list[dict], title: str = "SPIN", trajectory: Optional[int] = None) -> None:
+    """Write results.jsonl, a markdown table and a PNG plot of the per-iteration rows.
+
+    The first ``trajectory`` rows (default: all) are one run's iterates and are joined by a line;
+    later rows (controls) are drawn as separate markers.
+    """
     if not rows:
         return
     atomic_write_text(run.root / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     atomic_write_text(run.root / "results.md", format_table(rows))
-    plot_results(rows, run.root / "results.png", title)
+    plot_results(rows, run.root / "results.png", title, trajectory)
 
 
 def format_table(rows: list[dict], columns: Optional[list[str]] = None) -> str:
@@ -110,8 +114,11 @@ def format_table(rows: list[dict], columns: Optional[list[str]] = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_results(rows: list[dict], path: Path, title: str) -> None:
-    """One panel per numeric metric against the row label (matplotlib, Agg backend), saved atomically."""
+def plot_results(rows: list[dict], path: Path, title: str, trajectory: Optional[int] = None) -> None:
+    """One panel per numeric metric against the row label (matplotlib, Agg backend), saved atomically.
+
+    Rows past ``trajectory`` are controls: drawn as separate markers, not joined to the iterates.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,9 +131,17 @@ def plot_results(rows: list[dict], path: Path, title: str) -> None:
         metrics += [k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                     and k not in ("iteration", "train_steps", "seconds") and k not in metrics]
     labels = [str(r.get("model", r.get("iteration"))) for r in rows]
-    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4 * max(1, len(metrics)), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], metrics):
-        ax.plot(range(len(rows)), [float("nan") if r.get(key) is None else r[key] for r in rows], marker="o")
+    cols = min(3, max(1, len(metrics)))
+    nrows = -(-max(1, len(metrics)) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, metrics):
+        values = [float("nan") if r.get(key) is None else r[key] for r in rows]
+        n = len(rows) if trajectory is None else trajectory
+        ax.plot(range(n), values[:n], marker="o", color="tab:blue")
+        for i in range(n, len(rows)):
+            ax.plot([i], [values[i]], marker="s", linestyle="none", color=f"C{1 + i - n}")
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(key, fontsize=10)
         ax.grid(alpha=0.3)

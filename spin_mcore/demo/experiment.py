@@ -235,7 +235,7 @@ def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool =
     columns = ["model", "exact_match", "sampled_exact_match", "heldout_nll", "pair_accuracy", "margin", "train_steps"]
     table = [{c: r.get(c) for c in columns} for r in rows]
     if pstate.is_logging_rank:
-        write_results(RunDir(out), table, title="SPIN vs continued SFT (held-out)")
+        write_results(RunDir(out), table, title="SPIN vs continued SFT (held-out)", trajectory=1 + len(spin_rows))
         from spin_mcore.run_dir import format_table
 
         print(format_table(table), flush=True)
