@@ -5,15 +5,13 @@ overrides on the command line. Overrides use dotted paths into the sections,
 e.g. ``train.micro_batch_size=2`` or ``spin.beta=[0.1,0.1,0.1,5.0]``.
 
 Sections, one per concern: ``model``, ``parallel``, ``precision``, ``data``,
-``generation``, ``spin``, ``train``, ``run``. Every field has a docstring in the
-form of a trailing comment-free ``metadata["help"]`` so ``--help`` and errors can
-quote it.
+``generation``, ``spin``, ``train``, ``run``. Every field carries its help text in
+``metadata["help"]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,6 +252,8 @@ def parse_overrides(overrides: list[str]) -> dict:
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
     """Build a validated :class:`Config` from defaults, an optional YAML file, then overrides."""
     cfg = Config()
+    explicit_model: set[str] = set()  # model fields set by hand win over the preset / HF config
+    layers = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -264,30 +264,15 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"{path}: invalid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        _apply(cfg, data, "")
+        layers.append(data)
     if overrides:
-        _apply(cfg, parse_overrides(overrides), "")
+        layers.append(parse_overrides(overrides))
+    for layer in layers:
+        _apply(cfg, layer, "")
+        explicit_model |= set(layer.get("model") or {})
     from spin_mcore.models.presets import resolve_model_config
 
-    cfg.model = resolve_model_config(cfg.model, explicit=_explicit_model_fields(path, overrides))
-    validate(cfg)
-    return cfg
-
-
-def _explicit_model_fields(path, overrides) -> set[str]:
-    keys: set[str] = set()
-    if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        keys |= set((data.get("model") or {}).keys())
-    for key in parse_overrides(overrides or []).get("model", {}):
-        keys.add(key)
-    return keys
-
-
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a run's resolved config)."""
-    cfg = Config()
-    _apply(cfg, data, "")
+    cfg.model = resolve_model_config(cfg.model, explicit=explicit_model)
     validate(cfg)
     return cfg
 
@@ -355,13 +340,3 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.warmup_fraction={t.warmup_fraction}: must be in [0, 1)")
     if cfg.run.iterations < 1:
         raise ConfigError(f"run.iterations={cfg.run.iterations}: must be >= 1")
-
-
-def field_help(section: str) -> list[tuple[str, Any, str]]:
-    """(name, default, help) for each field of a section, for ``--help`` output."""
-    obj = getattr(Config(), section)
-    return [(f.name, getattr(obj, f.name), f.metadata.get("help", "")) for f in dataclasses.fields(obj)]
-
-
-def dumps(cfg: Config) -> str:
-    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

@@ -27,7 +27,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from spin_mcore.config import Config, per_iteration
-from spin_mcore.eval.builtin import checker_for, exact_match, greedy_responses, heldout_nll, pair_metrics
+from spin_mcore.eval.builtin import checker_for, exact_match, decode_responses, heldout_nll, pair_metrics
 from spin_mcore.run_dir import RunDir, claim_run_dir, save_eval, write_results
 from spin_mcore.utils.io import read_json
 from spin_mcore.utils.shards import read_stage
@@ -98,37 +98,36 @@ def import_initial_model(cfg: Config, pstate, run: RunDir) -> str:
     return str(target)
 
 
-def score_pairs(cfg, pstate, checkpoint: str, pair_dirs: list, out_dir: Path) -> list[dict]:
-    """log p(y|x), log p(y'|x) under ``checkpoint`` for every pair in ``pair_dirs``, via the reference pass."""
+def score_pairs(cfg, pstate, model, model_id: str, pair_dirs: list, out_dir: Path) -> list[dict]:
+    """log p(y|x), log p(y'|x) under ``model`` (identified by ``model_id``) for every pair in ``pair_dirs``,
+    via the reference pass (resumable in ``out_dir``)."""
     from spin_mcore.training.reference import compute_reference_logprobs
 
-    model = load_policy(cfg, pstate, checkpoint)
-    compute_reference_logprobs(cfg, model, pstate, pair_dirs, out_dir, model_id=str(checkpoint))
-    del model
-    gc.collect()
+    compute_reference_logprobs(cfg, model, pstate, pair_dirs, out_dir, model_id=str(model_id))
     return list(read_stage(out_dir))
 
 
 def evaluate(cfg: Config, pstate, data: Prepared, checkpoint: str, heldout_pairs: Path, heldout_ref: Optional[list],
              work_dir: Path) -> dict:
     """Held-out NLL, pair accuracy/margin against the opponent's scores, and verifiable accuracy of ``checkpoint``."""
-    policy = score_pairs(cfg, pstate, checkpoint, [heldout_pairs], work_dir / "heldout_scores")
+    model = load_policy(cfg, pstate, checkpoint)
+    policy = score_pairs(cfg, pstate, model, checkpoint, [heldout_pairs], work_dir / "heldout_scores")
     out = {"heldout_nll": heldout_nll(policy)}
     if heldout_ref is not None:
         out.update(pair_metrics(policy, heldout_ref))
     if data.answers is not None:
-        model = load_policy(cfg, pstate, checkpoint)
         answers, check = [data.answers[p.id] for p in data.heldout], checker_for(cfg.run.checker)[0]
         g = cfg.generation
-        texts = greedy_responses(model, pstate, data.heldout, data.tokenizer, g.max_new_tokens,
+        texts = decode_responses(model, pstate, data.heldout, data.tokenizer, g.max_new_tokens,
                                  cfg.model.vocab_size, g.batch_size)
-        sampled = greedy_responses(model, pstate, data.heldout, data.tokenizer, g.max_new_tokens,
+        sampled = decode_responses(model, pstate, data.heldout, data.tokenizer, g.max_new_tokens,
                                    cfg.model.vocab_size, g.batch_size, temperature=max(g.temperature, 1e-3),
                                    seed=g.seed + 7919)  # a stream no training generation uses
-        del model
         out["exact_match"] = exact_match(texts, answers, check)
         out["sampled_exact_match"] = exact_match(sampled, answers, check)
         out["example"] = texts[0] if texts else ""
+    del model
+    gc.collect()
     return out
 
 
@@ -178,16 +177,19 @@ def run_iteration(cfg: Config, pstate, run: RunDir, t: int, theta: str, data: Pr
     return theta_next, row
 
 
-def run_spin(cfg: Config, pstate, force: bool = False, baseline_row: Optional[dict] = None) -> list[dict]:
-    """All iterations of ``cfg`` in ``cfg.run.dir``; collective. Returns the per-iteration rows."""
+def run_spin(cfg: Config, pstate, force: bool = False, data: Optional[Prepared] = None) -> list[dict]:
+    """All iterations of ``cfg`` in ``cfg.run.dir``; collective. Returns the per-iteration rows.
+
+    ``data``: the run's :func:`prepare` output, when the caller already has it.
+    """
     run = RunDir(cfg.run.dir)
     if pstate.is_logging_rank:
         claim_run_dir(run, cfg.to_dict(), force)
     _barrier()
     if cfg.run.init_checkpoint is None:
         raise ValueError("run.init_checkpoint is not set: SPIN starts from an SFT model (theta_0)")
-    data = prepare(cfg, pstate)
-    rows = [baseline_row] if baseline_row else []
+    data = data or prepare(cfg, pstate)
+    rows: list[dict] = []
     theta = import_initial_model(cfg, pstate, run)
     for t in range(cfg.run.iterations):
         done = read_json(run.eval_file(t))

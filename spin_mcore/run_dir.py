@@ -1,7 +1,6 @@
 """The self-describing run directory of a SPIN run.
 
     RUN/config.yaml              resolved config (a re-run with a different config is refused without --force)
-    RUN/data/                    tokenized train / held-out prompts (+ manifest)
     RUN/iter_{t}/generation/     y' ~ theta_t for every prompt (shards + manifest)
     RUN/iter_{t}/reference/      the same records with log p_theta_t(y|x), log p_theta_t(y'|x)
     RUN/iter_{t}/train/          trainer checkpoints, metrics.jsonl, TensorBoard events
@@ -51,10 +50,6 @@ class RunDir:
 
     def theta(self, t: int) -> Path:
         return self.root / "checkpoints" / f"theta_{t}"
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
 
     @property
     def config_file(self) -> Path:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.ckpt_utils import checkpoint_weights
+from tests.helpers import checkpoint_weights, random_pair_records, write_pair_stage
 
 from spin_mcore.training.batches import Example
 from spin_mcore.training.packed import build_packed_seq_params, collate_packed, pack_microbatches
@@ -60,19 +60,11 @@ def test_packed_seq_params_sbhd_and_thd_construction():
 
 
 def make_records(n: int, seed: int = 0, vocab: int = 500) -> list[dict]:
-    """Random pairs: prompt 3-6, responses 2-8 tokens, plus one over-long pair that the padded path truncates."""
-    g = torch.Generator().manual_seed(seed)
-
-    def ids(lo, hi):
-        return torch.randint(1, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-
-    recs = [{"prompt_id": i, "prompt_ids": ids(3, 7), "real_ids": ids(2, 9), "generated_ids": ids(2, 9)}
-            for i in range(n)]
-    recs[3]["real_ids"] = ids(25, 26)  # 3-6 + 25 > SEQ + 1: truncated identically in both paths
+    """Random pairs (tests.helpers) plus one over-long pair that the padded path truncates."""
+    recs = random_pair_records(n, seed, vocab)
+    long = torch.randint(1, vocab, (25,), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    recs[3]["real_ids"] = long  # 3-6 + 25 > SEQ + 1: truncated identically in both paths
     return recs
-
-
-_weights = checkpoint_weights
 
 
 def _worker(tmp: str) -> dict:
@@ -85,15 +77,12 @@ def _worker(tmp: str) -> dict:
     from spin_mcore.training.reference import compute_reference_logprobs, loss_spec
     from spin_mcore.training.step import score_microbatches
     from spin_mcore.training.trainer import setup_model, train
-    from spin_mcore.utils.shards import ShardedStage
 
     tmp = Path(tmp)
     res: dict = {}
     cfg = load_config(overrides=BASE)
     pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
-    stage = ShardedStage(tmp / "gen", "generation", "test")
-    stage.write_shard(0, make_records(16))
-    stage.finalize()
+    write_pair_stage(tmp / "gen", make_records(16))
     model = setup_model(cfg, pstate, None, wrap_ddp=False)
     save_model_checkpoint(model, pstate, tmp / "init", cfg.model)
     compute_reference_logprobs(cfg, model, pstate, [tmp / "gen"], tmp / "ref")
@@ -161,7 +150,7 @@ def test_packed_train_step_matches_padded(result):
     assert abs(pad["final"]["loss"] - pk["final"]["loss"]) < 1e-6
     assert pad["tokens"] == pk["tokens"]  # same pairs, same real-token count
     assert pk["positions_this_rank"] * 2 <= pad["positions_this_rank"], (pk["positions_this_rank"], pad["positions_this_rank"])
-    a, b, init = (_weights(tmp / d) for d in ("run_pad/model", "run_packed/model", "init"))
+    a, b, init = (checkpoint_weights(tmp / d) for d in ("run_pad/model", "run_packed/model", "init"))
     assert a.keys() == b.keys()
     moved = max(float((a[k] - init[k]).abs().max()) for k in a)
     assert moved > 1e-4, moved

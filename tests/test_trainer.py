@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.ckpt_utils import checkpoint_weights
+from tests.helpers import checkpoint_weights, random_pair_records, write_pair_stage
 
 from spin_mcore.training.batches import Example, collate, make_plan
 from spin_mcore.training.metrics import MetricsLogger
@@ -93,28 +93,10 @@ def test_latest_checkpoint_ignores_incomplete(tmp_path):
 # ----------------------------------------------------------------------------- helpers for the workers
 
 
-def make_records(n: int, seed: int = 0, vocab: int = 500) -> list[dict]:
-    """Random pairs with prompt 3-6, responses 2-8 tokens (fits SEQ = 24)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def ids(lo, hi):
-        return torch.randint(1, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-
-    return [{"prompt_id": i, "prompt_ids": ids(3, 7), "real_ids": ids(2, 9), "generated_ids": ids(2, 9)} for i in range(n)]
-
-
 def _cfg(overrides):
     from spin_mcore.config import load_config
 
     return load_config(overrides=BASE + list(overrides))
-
-
-def _write_stage(path, records):
-    from spin_mcore.utils.shards import ShardedStage
-
-    stage = ShardedStage(path, "generation", "test")
-    stage.write_shard(0, records)
-    stage.finalize()
 
 
 def _fp64_logps(model, rows: list[tuple[list, list]], vocab: int) -> list[float]:
@@ -128,8 +110,6 @@ def _fp64_logps(model, rows: list[tuple[list, list]], vocab: int) -> list[float]
         out.append(float(lp[len(prompt) - 1:].sum()))
     return out
 
-
-_weights = checkpoint_weights
 
 
 # ----------------------------------------------------------------------------- single-process worker
@@ -153,8 +133,8 @@ def _single_worker(tmp: str) -> dict:
     res: dict = {}
     cfg = _cfg(["train.micro_batch_size=2", "train.global_batch_size=4"])
     pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
-    records = make_records(12)
-    _write_stage(tmp / "gen", records)
+    records = random_pair_records(12)
+    write_pair_stage(tmp / "gen", records)
     model = setup_model(cfg, pstate, None, wrap_ddp=False)
     save_model_checkpoint(model, pstate, tmp / "init", cfg.model)
     compute_reference_logprobs(cfg, model, pstate, [tmp / "gen"], tmp / "ref")
@@ -282,7 +262,7 @@ def test_step0_loss_is_ln2_and_margins_zero(single):
 
 def test_one_step_matches_independent_rmsprop_and_accumulation(single):
     tmp, res = single
-    ours, manual, mb4, init = (_weights(tmp / d / "model") if d.startswith("run") else _weights(tmp / d)
+    ours, manual, mb4, init = (checkpoint_weights(tmp / d / "model") if d.startswith("run") else checkpoint_weights(tmp / d)
                                for d in ("run_mb1", "manual", "run_mb4", "init"))
     assert ours.keys() == manual.keys()
     moved = max(float((ours[k] - init[k]).abs().max()) for k in ours)
@@ -310,8 +290,8 @@ def test_tp2_pp2_matches_tp1(single):
 
     tmp, _ = single
     par = run_local(_parallel_worker, 4, str(tmp))[0]
-    ref1 = _weights(tmp / "run_mb1" / "model")
-    ref4 = _weights(tmp / "run_tp2pp2" / "model")
+    ref1 = checkpoint_weights(tmp / "run_mb1" / "model")
+    ref4 = checkpoint_weights(tmp / "run_tp2pp2" / "model")
     assert ref1.keys() == ref4.keys()
     diff = max(float((ref1[k] - ref4[k]).abs().max()) for k in ref1)
     assert diff < 1e-5, diff
@@ -330,7 +310,7 @@ def _cli(out: Path, data: Path, init: Path, steps: int) -> list[str]:
             "--data", str(data), "--out", str(out), "--init", str(init)]
 
 
-def test_killed_run_resumes_to_identical_weights(single):
+def test_killed_run_resumes_to_identicalcheckpoint_weights(single):
     tmp, _ = single
     steps = 12
     env = dict(os.environ, SPIN_MCORE_NO_PROGRESS="1")
@@ -351,7 +331,7 @@ def test_killed_run_resumes_to_identical_weights(single):
     resumed = subprocess.run(_cli(killed, tmp / "ref", tmp / "init", steps), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["resumed_from"] is not None
-    a, b = _weights(tmp / "full" / "model"), _weights(killed / "model")
+    a, b = checkpoint_weights(tmp / "full" / "model"), checkpoint_weights(killed / "model")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0  # bitwise on CPU fp32
     la = [json.loads(x) for x in (tmp / "full" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]

@@ -123,7 +123,7 @@ def sft_to_plateau(cfg: Config, pstate, data, out: Path, max_rounds: int, platea
     Each round resumes from the previous round's model, so a killed demo restarts at the round it was in.
     """
     from spin_mcore.eval.builtin import heldout_nll
-    from spin_mcore.loop import score_pairs
+    from spin_mcore.loop import load_policy, score_pairs
     from spin_mcore.training.trainer import train
 
     human = write_human_pairs(out / "heldout_human", data.heldout, pstate)
@@ -134,7 +134,8 @@ def sft_to_plateau(cfg: Config, pstate, data, out: Path, max_rounds: int, platea
         round_dir = out / f"round_{r}"
         summary = train(cfg, pstate, _records(data.train), theta, round_dir, iteration=0)
         theta = str(summary.get("model", round_dir / "model"))
-        nll = heldout_nll(score_pairs(cfg, pstate, theta, [human], round_dir / "heldout_scores"))
+        nll = heldout_nll(score_pairs(cfg, pstate, load_policy(cfg, pstate, theta), theta, [human],
+                                      round_dir / "heldout_scores"))
         history.append({"round": r, "heldout_nll": nll, "steps": summary.get("steps")})
         log(f"SFT round {r}: held-out NLL {nll:.4f} ({summary.get('steps')} steps)")
         stale = 0 if nll < best * (1 - plateau_tol) else stale + 1
@@ -205,9 +206,9 @@ def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool =
 
     # 3. SPIN iterations from theta_0.
     cfg.run.init_checkpoint = theta0
-    spin_rows = run_spin(cfg, pstate, force=force)
-    run = RunDir(cfg.run.dir)
     data = prepare(cfg, pstate)
+    spin_rows = run_spin(cfg, pstate, force=force, data=data)
+    run = RunDir(cfg.run.dir)
     heldout0 = run.iteration(0) / "heldout_generation"
     ref0 = list(read_stage(run.iteration(0) / "heldout_reference"))
     base = evaluate(cfg, pstate, data, theta0, heldout0, None, out / "eval_sft")

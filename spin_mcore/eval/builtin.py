@@ -56,7 +56,7 @@ def exact_match(texts: Sequence[str], answers: Sequence, check: Callable[[str, o
     return sum(bool(check(t, a)) for t, a in zip(texts, answers)) / max(len(texts), 1)
 
 
-def greedy_responses(model, pstate, prompts: Sequence, tokenizer, max_new_tokens: int, vocab_size: int,
+def decode_responses(model, pstate, prompts: Sequence, tokenizer, max_new_tokens: int, vocab_size: int,
                      batch_size: int = 32, temperature: float = 0.0, seed: int = 0) -> list[str]:
     """Greedy (or, with ``temperature`` > 0, seeded sampled) decodes of ``prompts`` (TokenizedPrompt-like)
     with the in-process engine; collective."""

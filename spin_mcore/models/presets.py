@@ -26,10 +26,6 @@ PRESETS: dict[str, dict] = {
 SUPPORTED_HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 
 
-class UnknownPresetError(ValueError):
-    pass
-
-
 def hf_config_to_fields(path: str | Path) -> dict:
     """Read an HF ``config.json`` (file or directory) into ``ModelConfig`` fields.
 

@@ -190,11 +190,6 @@ def _patch_megatron_rng() -> None:
     mrandom.device_ctx_manager = lambda *a, **k: contextlib.nullcontext()
 
 
-def is_enabled() -> bool:
-    """True once :func:`enable` has run in this process."""
-    return _ENABLED
-
-
 def enable() -> None:
     """Turn the emulation on for the rest of the process (idempotent).
 
