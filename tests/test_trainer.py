@@ -338,3 +338,25 @@ def test_killed_run_resumes_to_identicalcheckpoint_weights(single):
     assert [x["step"] for x in lb] == list(range(1, steps + 1))
     assert [x["loss"] for x in la] == [x["loss"] for x in lb]
 
+
+
+def _hf_flag_worker(tmp: str) -> float:
+    """With run.init_from_hf, a spin_mcore checkpoint (a later iterate) still loads as one."""
+    warnings.filterwarnings("ignore")
+    from spin_mcore.models.checkpoint import save_model_checkpoint
+    from spin_mcore.platform import init_distributed
+    from spin_mcore.training.trainer import setup_model
+
+    cfg = _cfg([])
+    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    saved = setup_model(cfg, pstate, None, wrap_ddp=False)
+    save_model_checkpoint(saved, pstate, Path(tmp) / "theta_1", cfg.model)
+    cfg_hf = _cfg(["run.init_from_hf=true", "train.seed=7"])  # another seed: a fresh init differs
+    loaded = setup_model(cfg_hf, pstate, str(Path(tmp) / "theta_1"), wrap_ddp=False)
+    return max(float((a - b).abs().max()) for a, b in zip(saved.parameters(), loaded.parameters()))
+
+
+def test_init_from_hf_run_still_loads_its_own_iterates(tmp_path):
+    from spin_mcore.launcher import run_local
+
+    assert run_local(_hf_flag_worker, 1, str(tmp_path))[0] == 0.0

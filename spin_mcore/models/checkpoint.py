@@ -124,6 +124,11 @@ def save_model_checkpoint(model, pstate, directory: str | Path, model_cfg: Model
     return directory
 
 
+def is_model_checkpoint(directory: str | Path) -> bool:
+    """True when ``directory`` holds a spin_mcore model checkpoint (as opposed to, say, an HF export)."""
+    return (Path(directory) / META_FILE).is_file()
+
+
 def read_checkpoint_meta(directory: str | Path) -> dict:
     """The metadata of a checkpoint: ``{"format", "model": ModelConfig fields, ..., **extra}``.
 

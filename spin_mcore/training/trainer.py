@@ -49,13 +49,15 @@ def setup_model(cfg, pstate, init_checkpoint: Optional[str] = None, wrap_ddp: bo
     model = build_gpt_model(cfg.model, pstate, cfg.precision, recompute=cfg.train.recompute,
                             sequence_parallel=cfg.parallel.sequence_parallel)
     if init_checkpoint:
-        if cfg.run.init_from_hf:
+        from spin_mcore.models.checkpoint import is_model_checkpoint, load_model_checkpoint
+
+        # The directory says what it is: with run.init_from_hf the loop converts theta_0 once,
+        # and every later iterate is a spin_mcore checkpoint under the same config.
+        if cfg.run.init_from_hf and not is_model_checkpoint(init_checkpoint):
             from spin_mcore.models.hf_convert import load_hf_weights
 
             load_hf_weights(model, pstate, init_checkpoint, cfg.model)
         else:
-            from spin_mcore.models.checkpoint import load_model_checkpoint
-
             load_model_checkpoint(model, pstate, init_checkpoint)
     model.config.calculate_per_token_loss = True
     model.config.finalize_model_grads_func = finalize_model_grads
