@@ -18,7 +18,6 @@ Steps (all through the product's own stages, on the CPU platform):
 from __future__ import annotations
 
 import copy
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
 import torch.distributed as dist
 
 from spin_mcore.training.batches import REF_GEN, REF_REAL, collate, example_from_record
