@@ -74,7 +74,9 @@ def _check_against_oracle(backend, B, S, V, vocab_size, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_chunked_matches_fp64_reference(monkeypatch, dtype):
-    # A small chunk budget forces many chunks per row block (V = 1271 is not a multiple of anything).
+    # Default budget, small vocab: one block spans every sequence of the batch.
+    _check_against_oracle("chunked", 5, 9, 64, vocab_size=60, dtype=dtype, seed=5)
+    # A 7-row budget: blocks straddle sequence boundaries (S = 41), V = 1271 is not a multiple of anything.
     monkeypatch.setattr(chunked_mod, "CHUNK_BYTES", 7 * 1271 * 4)
     monkeypatch.setattr(chunked_mod, "MIN_CHUNK_BYTES", 1)
     _check_against_oracle("chunked", 3, 41, 1271, vocab_size=1200, dtype=dtype)

@@ -21,21 +21,23 @@ CHUNK_BYTES = 32 * 1024 * 1024
 MIN_CHUNK_BYTES = 1024 * 1024
 
 
-def _chunks(logits: torch.Tensor, n_valid: int, chunk_bytes: int | None):
-    """(b, s0, s1) row blocks whose fp32 copy stays within the budget."""
-    B, S, _ = logits.shape
-    budget = chunk_bytes or min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, logits.numel() * 4 // 16))
-    rows = max(1, budget // max(1, 4 * n_valid))
-    for b in range(B):
-        for s0 in range(0, S, rows):
-            yield b, s0, min(S, s0 + rows)
+def _chunks(n_rows: int, n_cols: int, total_numel: int, chunk_bytes: int | None):
+    """(r0, r1) blocks of flattened token rows whose fp32 copy stays within the budget.
+
+    Rows are blocked across the batch dimension: with a small vocabulary one block holds the
+    whole batch, so the per-block op count (not the data) no longer scales with B.
+    """
+    budget = chunk_bytes or min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, total_numel * 4 // 16))
+    rows = max(1, budget // max(1, 4 * n_cols))
+    for r0 in range(0, n_rows, rows):
+        yield r0, min(n_rows, r0 + rows)
 
 
-def _load(logits: torch.Tensor, b: int, s0: int, s1: int, rows: torch.Tensor, n_valid: int) -> torch.Tensor:
-    """[r, n_valid] fp32 rows ``rows`` of logits[b, s0:s1]: a view when nothing is skipped and the
+def _load(flat: torch.Tensor, r0: int, r1: int, rows: torch.Tensor, n_valid: int) -> torch.Tensor:
+    """[r, n_valid] fp32 rows ``rows`` of flat[r0:r1]: a view when nothing is skipped and the
     logits are fp32 (read-only use), else a compacted/upcast copy."""
-    x = logits[b, s0:s1, :n_valid]
-    if rows.numel() < s1 - s0:
+    x = flat[r0:r1, :n_valid]
+    if rows.numel() < r1 - r0:
         x = x.index_select(0, rows)
     return x.float()
 
@@ -54,27 +56,29 @@ def chunked_forward_partials(
         keep: [B*S] bool.
         vocab_start, n_valid: this shard's first global id and its count of non-padding columns.
     """
-    B, S, _ = logits.shape
-    m = torch.zeros(B, S, dtype=torch.float32, device=logits.device)
+    B, S, V = logits.shape
+    n = B * S
+    m = torch.zeros(n, dtype=torch.float32, device=logits.device)
     s = torch.ones_like(m)
     t = torch.zeros_like(m)
-    keep2, local2 = keep.view(B, S), (labels - vocab_start).view(B, S)
+    local_all = labels - vocab_start
     if n_valid == 0:  # all-padding shard: contributes nothing to any row
-        m[keep2], s[keep2] = float("-inf"), 0.0
-        return m.view(-1), s.view(-1), t.view(-1)
-    for b, s0, s1 in _chunks(logits, n_valid, chunk_bytes):
-        rows = keep2[b, s0:s1].nonzero().squeeze(1)
+        m[keep], s[keep] = float("-inf"), 0.0
+        return m, s, t
+    flat = logits.reshape(n, V)
+    for r0, r1 in _chunks(n, n_valid, logits.numel(), chunk_bytes):
+        rows = keep[r0:r1].nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        x = _load(logits, b, s0, s1, rows, n_valid)  # [r, n_valid] fp32
+        x = _load(flat, r0, r1, rows, n_valid)  # [r, n_valid] fp32
         mx, arg = x.max(dim=1)
         ls = torch.log_softmax(x, dim=1)  # [r, n_valid] fp32, the chunk's one temporary
-        idx = rows + s0
-        m[b, idx] = mx - ls.gather(1, arg.unsqueeze(1)).squeeze(1)
-        local = local2[b, idx]
+        idx = rows + r0
+        m[idx] = mx - ls.gather(1, arg.unsqueeze(1)).squeeze(1)
+        local = local_all[idx]
         owned = (local >= 0) & (local < n_valid)
-        t[b, idx] = torch.where(owned, x.gather(1, local.clamp(0, n_valid - 1).unsqueeze(1)).squeeze(1), 0.0)
-    return m.view(-1), s.view(-1), t.view(-1)
+        t[idx] = torch.where(owned, x.gather(1, local.clamp(0, n_valid - 1).unsqueeze(1)).squeeze(1), 0.0)
+    return m, s, t
 
 
 def chunked_backward(
@@ -89,26 +93,29 @@ def chunked_backward(
     lets softmax(x) be rescaled to the global normaliser. ``inplace`` writes into ``logits``.
     """
     B, S, V = logits.shape
-    grad = logits if inplace else torch.empty_like(logits)
-    keep2, local2 = keep.view(B, S), (labels - vocab_start).view(B, S)
-    lse2, g2 = lse.view(B, S), g.view(B, S)
-    loc2 = (local_lse if local_lse is not None else lse).view(B, S)
-    for b, s0, s1 in _chunks(logits, max(1, n_valid), chunk_bytes):
-        out = grad[b, s0:s1]  # [r, V] view
-        rows = keep2[b, s0:s1].nonzero().squeeze(1)
+    n = B * S
+    if inplace and not logits.is_contiguous():
+        logits = logits.contiguous()  # the flat view below must alias what is returned
+    grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    flat, out_flat = logits.reshape(n, V), grad.view(n, V)
+    local_all = labels - vocab_start
+    loc = local_lse if local_lse is not None else lse
+    for r0, r1 in _chunks(n, max(1, n_valid), logits.numel(), chunk_bytes):
+        out = out_flat[r0:r1]  # [r, V] view
+        rows = keep[r0:r1].nonzero().squeeze(1)
         if rows.numel() == 0 or n_valid == 0:
             out.zero_()
             continue
-        x = _load(logits, b, s0, s1, rows, n_valid)
+        x = _load(flat, r0, r1, rows, n_valid)
         p = torch.softmax(x, dim=1)  # exp(x - local lse), fused; new buffer, so inplace is safe
-        idx = rows + s0
-        gr = g2[b, idx]
-        scale = -gr if local_lse is None else torch.exp(loc2[b, idx] - lse2[b, idx]) * -gr
+        idx = rows + r0
+        gr = g[idx]
+        scale = -gr if local_lse is None else torch.exp(loc[idx] - lse[idx]) * -gr
         p.mul_(scale.unsqueeze(1))  # -g * exp(x - lse)
-        local = local2[b, idx]
+        local = local_all[idx]
         owned = ((local >= 0) & (local < n_valid)).nonzero().squeeze(1)
         p[owned, local[owned]] += gr[owned]
-        if rows.numel() < s1 - s0:
+        if rows.numel() < r1 - r0:
             out.zero_()
             out[rows, :n_valid] = p.to(logits.dtype)
         else:
