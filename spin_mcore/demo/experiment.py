@@ -55,8 +55,11 @@ def demo_config(out: Path, size: DemoSize, tokenizer: Path, vocab_size: int, see
                 overrides: Optional[list[str]] = None) -> Config:
     """The SPIN config of the demo (also written to ``out/spin/config.yaml`` by the loop); ``overrides`` win."""
     heads = 4
+    # init_std 0.1 ~ 1/sqrt(hidden): Megatron's 0.02 suits ~4k-wide models, and a 64-wide model
+    # started there spends its first SFT epochs only growing its weights.
     return load_config(overrides=[
         "model.preset=tiny", f"model.hidden_size={size.hidden}", f"model.num_layers={size.layers}",
+        "model.init_std=0.1",
         f"model.num_attention_heads={heads}", "model.num_query_groups=2",
         f"model.ffn_hidden_size={(size.hidden * 11 // 4) // 8 * 8}", f"model.vocab_size={vocab_size}",
         "model.seq_length=56", "model.make_vocab_size_divisible_by=64",
