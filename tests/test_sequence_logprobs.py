@@ -43,8 +43,10 @@ def _ours(logits, labels, mask, vocab_size, w_seq, w_tok, backend, **kw):
     return out, x.grad
 
 
-def _check_against_oracle(backend, B, S, V, vocab_size, dtype, seed=0):
+def _check_against_oracle(backend, B, S, V, vocab_size, dtype, seed=0, seq_major=False):
     logits, labels, mask = _case(B, S, V, seed, vocab_size, dtype)
+    if seq_major:  # same values, stored [S, B, V] as Megatron's transformer emits them: not contiguous
+        logits = logits.transpose(0, 1).contiguous().transpose(0, 1)
     g = torch.Generator().manual_seed(seed + 1)
     w_seq, w_tok = torch.randn(B, generator=g) * 2, torch.randn(B, S, generator=g)  # non-unit upstream grads
     seq_r, tok_r, grad_r = _oracle(logits, labels, mask, vocab_size, w_seq, w_tok)
@@ -81,6 +83,7 @@ def test_chunked_matches_fp64_reference(monkeypatch, dtype):
     monkeypatch.setattr(chunked_mod, "MIN_CHUNK_BYTES", 1)
     _check_against_oracle("chunked", 3, 41, 1271, vocab_size=1200, dtype=dtype)
     _check_against_oracle("chunked", 3, 41, 1271, vocab_size=None, dtype=dtype, seed=3)
+    _check_against_oracle("chunked", 3, 41, 1271, vocab_size=1200, dtype=dtype, seed=4, seq_major=True)
 
 
 def test_triton_interpreted_matches_fp64_reference(monkeypatch):

@@ -21,22 +21,36 @@ CHUNK_BYTES = 32 * 1024 * 1024
 MIN_CHUNK_BYTES = 1024 * 1024
 
 
-def _chunks(n_rows: int, n_cols: int, total_numel: int, chunk_bytes: int | None):
-    """(r0, r1) blocks of flattened token rows whose fp32 copy stays within the budget.
+def _chunks(B: int, S: int, n_cols: int, total_numel: int, chunk_bytes: int | None, cross: bool):
+    """(r0, r1) blocks of token rows (row = b * S + s) whose fp32 copy stays within the budget.
 
-    Rows are blocked across the batch dimension: with a small vocabulary one block holds the
-    whole batch, so the per-block op count (not the data) no longer scales with B.
+    With ``cross`` (contiguous tensors) blocks run across sequence boundaries, so with a small
+    vocabulary one block holds the whole batch and the per-block op count no longer scales
+    with B. Without it every block stays inside one sequence, so it is still a view.
     """
     budget = chunk_bytes or min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, total_numel * 4 // 16))
     rows = max(1, budget // max(1, 4 * n_cols))
-    for r0 in range(0, n_rows, rows):
-        yield r0, min(n_rows, r0 + rows)
+    if cross:
+        for r0 in range(0, B * S, rows):
+            yield r0, min(B * S, r0 + rows)
+        return
+    for b in range(B):
+        for s0 in range(0, S, rows):
+            yield b * S + s0, b * S + min(S, s0 + rows)
 
 
-def _load(flat: torch.Tensor, r0: int, r1: int, rows: torch.Tensor, n_valid: int) -> torch.Tensor:
-    """[r, n_valid] fp32 rows ``rows`` of flat[r0:r1]: a view when nothing is skipped and the
+def _rows(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """[r1 - r0, V] view of token rows r0..r1 of t [B, S, V] (a block from :func:`_chunks`)."""
+    B, S, V = t.shape
+    if t.is_contiguous():
+        return t.view(B * S, V)[r0:r1]
+    return t[r0 // S, r0 % S: r0 % S + (r1 - r0)]
+
+
+def _load(logits: torch.Tensor, r0: int, r1: int, rows: torch.Tensor, n_valid: int) -> torch.Tensor:
+    """[r, n_valid] fp32 rows ``rows`` of the block r0..r1: a view when nothing is skipped and the
     logits are fp32 (read-only use), else a compacted/upcast copy."""
-    x = flat[r0:r1, :n_valid]
+    x = _rows(logits, r0, r1)[:, :n_valid]
     if rows.numel() < r1 - r0:
         x = x.index_select(0, rows)
     return x.float()
@@ -65,12 +79,11 @@ def chunked_forward_partials(
     if n_valid == 0:  # all-padding shard: contributes nothing to any row
         m[keep], s[keep] = float("-inf"), 0.0
         return m, s, t
-    flat = logits.reshape(n, V)
-    for r0, r1 in _chunks(n, n_valid, logits.numel(), chunk_bytes):
+    for r0, r1 in _chunks(B, S, n_valid, logits.numel(), chunk_bytes, logits.is_contiguous()):
         rows = keep[r0:r1].nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        x = _load(flat, r0, r1, rows, n_valid)  # [r, n_valid] fp32
+        x = _load(logits, r0, r1, rows, n_valid)  # [r, n_valid] fp32
         mx, arg = x.max(dim=1)
         ls = torch.log_softmax(x, dim=1)  # [r, n_valid] fp32, the chunk's one temporary
         idx = rows + r0
@@ -93,20 +106,17 @@ def chunked_backward(
     lets softmax(x) be rescaled to the global normaliser. ``inplace`` writes into ``logits``.
     """
     B, S, V = logits.shape
-    n = B * S
-    if inplace and not logits.is_contiguous():
-        logits = logits.contiguous()  # the flat view below must alias what is returned
     grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
-    flat, out_flat = logits.reshape(n, V), grad.view(n, V)
     local_all = labels - vocab_start
     loc = local_lse if local_lse is not None else lse
-    for r0, r1 in _chunks(n, max(1, n_valid), logits.numel(), chunk_bytes):
-        out = out_flat[r0:r1]  # [r, V] view
+    cross = logits.is_contiguous() and grad.is_contiguous()
+    for r0, r1 in _chunks(B, S, max(1, n_valid), logits.numel(), chunk_bytes, cross):
+        out = _rows(grad, r0, r1)  # [r, V] view
         rows = keep[r0:r1].nonzero().squeeze(1)
         if rows.numel() == 0 or n_valid == 0:
             out.zero_()
             continue
-        x = _load(flat, r0, r1, rows, n_valid)
+        x = _load(logits, r0, r1, rows, n_valid)
         p = torch.softmax(x, dim=1)  # exp(x - local lse), fused; new buffer, so inplace is safe
         idx = rows + r0
         gr = g[idx]
