@@ -42,6 +42,7 @@ setup(
         "tokenizers",
         "tensorboard",
         "tqdm",
+        "jinja2",  # chat-template rendering in data/tokenizer.py
         "matplotlib",
         "pyarrow",
     ],
