@@ -1,0 +1,192 @@
+"""The cluster path under a real SLURM: `sbatch launch/spin_70b.sh` with tiny overrides, requeue, dry run.
+
+`.ci/run` starts a one-node cluster with `launch/local_slurm.sh` before pytest; outside CI the
+fixture starts it when `sbatch` is missing a configured cluster. The jobs run 2 tasks (TP=2) of
+`spin-mcore run` through `srun`, one short SPIN iteration on the shipped demo data, from a random
+theta_0 (what is checked is the cluster path, not learning).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spin_mcore.launcher import run_local
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch"
+SHIPPED = ROOT / "spin_mcore" / "demo_data" / "arith.jsonl"
+
+
+def _need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is not installed: .ci/run installs it, so CI must have it")
+        pytest.skip(f"{tool} is not installed (bash launch/local_slurm.sh start installs SLURM)")
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    """Environment whose sbatch/srun/scontrol talk to a running cluster (local_slurm.sh's, if none is set)."""
+    _need("sbatch")
+    env = dict(os.environ)
+    if "SLURM_CONF" not in env and not Path("/etc/slurm/slurm.conf").exists():
+        subprocess.run(["bash", str(LAUNCH / "local_slurm.sh"), "start"], check=True, timeout=300)
+        env["SLURM_CONF"] = subprocess.run(["bash", str(LAUNCH / "local_slurm.sh"), "env"], check=True,
+                                           capture_output=True, text=True).stdout.split("=", 1)[1].strip()
+    # A job must not inherit this process's own job context, if pytest itself runs inside one.
+    for key in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
+        del env[key]
+    env["SPIN_MCORE"] = str(Path(sys.executable).with_name("spin-mcore"))
+    return env
+
+
+def _save_theta0(out_dir, vocab_size):
+    from spin_mcore.config import load_config
+    from spin_mcore.models.checkpoint import save_model_checkpoint
+    from spin_mcore.models.gpt import build_gpt_model
+    from spin_mcore.platform import init_distributed
+
+    cfg = load_config(overrides=_model_overrides(vocab_size))
+    pstate = init_distributed(cfg.parallel, seed=0)
+    model = build_gpt_model(cfg.model, pstate, cfg.precision)
+    save_model_checkpoint(model, pstate, out_dir, cfg.model)
+
+
+def _model_overrides(vocab_size: int) -> list[str]:
+    return ["model.preset=tiny", "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=88",
+            "model.num_attention_heads=4", "model.num_query_groups=2", f"model.vocab_size={vocab_size}",
+            "model.seq_length=56", "model.make_vocab_size_divisible_by=64", "model.init_std=0.1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory):
+    """Demo data (240 records), a SentencePiece tokenizer trained on it, and a random theta_0."""
+    from spin_mcore.data.templates import format_prompt
+    from spin_mcore.data.tokenizer import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("slurm_inputs")
+    lines = SHIPPED.read_text(encoding="utf-8").splitlines(keepends=True)[:240]
+    (root / "arith.jsonl").write_text("".join(lines), encoding="utf-8")
+    recs = [json.loads(line) for line in lines]
+    tok = train_sentencepiece([format_prompt(r["prompt"], "instruction") + r["response"] for r in recs],
+                              root / "tokenizer", vocab_size=320, seed=0)
+    run_local(_save_theta0, 1, str(root / "theta0"), 320)
+    return root, tok
+
+
+def _job_overrides(inputs, run_dir: Path) -> list[str]:
+    """The 70B config brought down to a tiny model: the same script, the same file, these overrides."""
+    root, tok = inputs
+    return [*_model_overrides(320),
+            "parallel.tp=2", "parallel.sequence_parallel=false", "precision.recipe=fp32",
+            f"data.path={root / 'arith.jsonl'}", f"data.tokenizer={tok}", "data.template=instruction",
+            "data.max_prompt_length=28", "data.max_response_length=24", "data.num_prompts=48",
+            "data.heldout_fraction=0.05", "generation.max_new_tokens=24", "generation.batch_size=48",
+            "generation.shard_size=16", "train.global_batch_size=4", "train.micro_batch_size=2", "train.epochs=2",
+            "train.recompute=false", "train.save_interval=4", "train.lr=[1e-4]", "run.init_from_hf=false",
+            f"run.init_checkpoint={root / 'theta0'}", "run.iterations=1", "run.eval_prompts=8",
+            f"run.dir={run_dir}"]
+
+
+def _sbatch(env, log: Path, args: list[str], wait: bool) -> str:
+    cmd = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+           "--time=00:20:00", f"--output={log}", *(["--wait"] if wait else []), str(LAUNCH / "spin_70b.sh"), *args]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"sbatch failed ({proc.returncode}): {proc.stderr}\n{log.read_text() if log.exists() else ''}"
+    return proc.stdout.strip().split(";")[0]
+
+
+def _job_state(env, job: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def _weights(model_dir: Path) -> dict:
+    from tests.helpers import checkpoint_weights
+
+    return checkpoint_weights(model_dir)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_env, tiny_inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("slurm_plain")
+    log = out / "job.log"
+    start = time.perf_counter()
+    job = _sbatch(slurm_env, log, _job_overrides(tiny_inputs, out / "run"), wait=True)
+    return out, log, job, time.perf_counter() - start
+
+
+def test_sbatch_spin_70b_script_runs_a_tiny_iteration(slurm_env, uninterrupted):
+    out, log, job, seconds = uninterrupted
+    text = log.read_text()
+    state = _job_state(slurm_env, job)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, text[-3000:])
+    run = out / "run"
+    evaluation = json.loads((run / "iter_0" / "eval.json").read_text())
+    row = evaluation["row"]
+    assert row["iteration"] == 1 and row["train_steps"] == 24  # 48 prompts x 2 epochs / 4 pairs per step
+    assert 0.0 <= row["pair_accuracy"] <= 1.0 and row["heldout_nll"] > 0
+    assert (run / "results.md").read_text().count("SPIN iter 1") == 1
+    assert (Path(evaluation["theta_next"]) / "spin_mcore.json").exists()
+    # Two ranks of one srun step, TP=2, world 2: the job ran the loop, not a local launcher.
+    assert f"spin_job.sh: job {job} restart 0" in text
+    print(f"tiny sbatch SPIN iteration: {seconds:.1f} s")
+
+
+def test_requeue_mid_training_resumes_to_identical_weights(slurm_env, tiny_inputs, uninterrupted, tmp_path):
+    plain_out, *_ = uninterrupted
+    log = tmp_path / "job.log"
+    job = _sbatch(slurm_env, log, _job_overrides(tiny_inputs, tmp_path / "run"), wait=False)
+    metrics = tmp_path / "run" / "iter_0" / "train" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    # Requeue once the trainer has logged its second step and saved nothing final yet.
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        assert _job_state(slurm_env, job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", job], env=slurm_env, check=True)
+    # SLURM holds a requeued job back for about two minutes (its begin time); start it now.
+    for _ in range(50):
+        if _job_state(slurm_env, job).get("JobState") == "PENDING":
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm_env)
+            break
+        time.sleep(0.2)
+    while _job_state(slurm_env, job).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
+    state = _job_state(slurm_env, job)
+    text = log.read_text()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, text[-3000:])
+    assert f"spin_job.sh: job {job} restart 1" in text
+    assert "resumed from" in text  # the trainer continued from its checkpoint, not from scratch
+    mine = _weights(tmp_path / "run" / "iter_0" / "train" / "model")
+    plain = _weights(plain_out / "run" / "iter_0" / "train" / "model")
+    assert mine.keys() == plain.keys() and len(mine) > 0
+    for name in plain:
+        assert mine[name].equal(plain[name]), name
+
+
+def test_scripts_pass_shellcheck():
+    _need("shellcheck")
+    scripts = sorted(str(p) for p in LAUNCH.glob("*.sh"))
+    assert len(scripts) >= 5
+    proc = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_requeue_exit_code_matches_the_trainer():
+    from spin_mcore.platform.preemption import REQUEUE_EXIT_CODE
+
+    text = (LAUNCH / "spin_job.sh").read_text()
+    assert f"REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE}\n" in text
