@@ -46,7 +46,8 @@ def write_jsonl(path: Path, lines: list) -> Path:
 def test_load_jsonl_both_shapes(tmp_path):
     records, stats = load_sft_records(write_jsonl(tmp_path / "sft.jsonl", ROWS))
     assert records == WANT
-    assert stats == {"rows": 3, "loaded": 3, "skipped_bad_lines": 0, "blank_lines": 0, "pair_rows": 2, "chat_rows": 1}
+    assert stats == {"rows": 3, "loaded": 3, "skipped_bad_lines": 0, "blank_lines": 0, "pair_rows": 2, "chat_rows": 1,
+                     "rejects": []}
 
 
 def test_load_json_array_and_blank_lines(tmp_path):
@@ -95,6 +96,8 @@ def test_load_datasets_dir(tmp_path):
         (b'[1, 2]', r"b\.jsonl:2: expected a JSON object"),
         (b'{"messages": [{"role": "assistant", "content": "a"}]}', r"b\.jsonl:2: 'messages' has no user message"),
         (b'{"messages": [{"role": "user"}]}', r"b\.jsonl:2: messages\[0\] must be an object"),
+        (b'{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}',
+         r"b\.jsonl:2: messages\[1\] has unknown role 'robot' \(known roles: system, developer, user, assistant"),
         (b'{"id": "b-0", "prompt": "a", "response": "b"}', r"b\.jsonl:2: duplicate id 'b-0' \(first seen at .*b\.jsonl:1\)"),
     ],
 )
@@ -119,13 +122,68 @@ def test_bad_input_other_sources(tmp_path):
 
 
 def test_skip_bad_lines_counts(tmp_path):
+    from spin_mcore.data.records import skipped_summary, write_rejects
+
     lines = [ROWS[0], b"{not json", b"\xff\xfe", b"[1]", ROWS[1], b'{"prompt": "x"']
-    records, stats = load_sft_records(write_jsonl(tmp_path / "s.jsonl", lines), skip_bad_lines=True)
+    path = write_jsonl(tmp_path / "s.jsonl", lines)
+    records, stats = load_sft_records(path, skip_bad_lines=True)
     assert [r.id for r in records] == ["s-0", "q-7"]
     assert stats["skipped_bad_lines"] == 4 and stats["loaded"] == 2
+    # every skipped line: file, 1-based line, reason, raw text (invalid bytes backslash-escaped)
+    assert [(r["line"], r["text"]) for r in stats["rejects"]] == [(2, "{not json"), (3, "\\xff\\xfe"), (4, "[1]"),
+                                                                  (6, '{"prompt": "x"')]
+    assert {r["file"] for r in stats["rejects"]} == {str(path)}
+    assert stats["rejects"][1]["reason"].startswith("invalid UTF-8") and "got list" in stats["rejects"][2]["reason"]
+    summary = skipped_summary(stats, limit=2)
+    assert summary.startswith("skipped 4 bad lines (data.skip_bad_lines=true): line 2: malformed JSON")
+    assert "line 3: invalid UTF-8" in summary and summary.endswith("; and 2 more") and "line 4" not in summary
+    out = write_rejects(tmp_path / "run" / "rejects.jsonl", stats["rejects"])
+    assert [json.loads(x) for x in out.read_text().splitlines()] == stats["rejects"]
     # schema errors are not "bad lines": they still raise
     with pytest.raises(ValueError, match=r"s2\.jsonl:1: empty response"):
         load_sft_records(write_jsonl(tmp_path / "s2.jsonl", [{"prompt": "a", "response": ""}]), skip_bad_lines=True)
+
+
+def test_empty_and_blank_files_are_refused(tmp_path):
+    (tmp_path / "e.jsonl").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"e\.jsonl: no records: the file is empty"):
+        load_sft_records(tmp_path / "e.jsonl")
+    (tmp_path / "b.jsonl").write_bytes(b"\n  \n\n")
+    with pytest.raises(ValueError, match=r"b\.jsonl: no records: the file has only blank lines \(3\)"):
+        load_sft_records(tmp_path / "b.jsonl")
+    (tmp_path / "bad.jsonl").write_bytes(b"{x\n[1]\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl: no records: all 2 non-blank lines are bad .* line 1: malformed"):
+        load_sft_records(tmp_path / "bad.jsonl", skip_bad_lines=True)
+
+
+@pytest.mark.parametrize("encoding, bom, name", [
+    ("utf-16-le", b"\xff\xfe", "UTF-16"), ("utf-16-be", b"\xfe\xff", "UTF-16"),
+    ("utf-32-le", b"\xff\xfe\x00\x00", "UTF-32"), ("utf-32-be", b"\x00\x00\xfe\xff", "UTF-32"),
+    ("utf-16-le", b"", "UTF-16LE"), ("utf-16-be", b"", "UTF-16BE"), ("utf-32-le", b"", "UTF-32LE"),
+])
+def test_utf16_and_utf32_files_are_named(tmp_path, encoding, bom, name):
+    text = "".join(json.dumps(r) + "\n" for r in ROWS)
+    for suffix in (".jsonl", ".json"):
+        path = tmp_path / f"w{suffix}"
+        path.write_bytes(bom + text.encode(encoding))
+        for skip in (False, True):  # an encoding is not a bad line: skip_bad_lines does not hide it
+            with pytest.raises(ValueError) as err:
+                load_sft_records(path, skip_bad_lines=skip)
+            msg = str(err.value)
+            assert msg.startswith(f"{path}: the file is {name}-encoded") and "\n" not in msg
+            assert f"`iconv -f {name} -t UTF-8 {path} > {tmp_path / ('w.utf8' + suffix)}`" in msg
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    text = "".join(json.dumps(r) + "\n" for r in ROWS)
+    (tmp_path / "sft.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_sft_records(tmp_path / "sft.jsonl")[0] == WANT
+    (tmp_path / "sft.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS).encode())
+    assert load_sft_records(tmp_path / "sft.json")[0] == WANT
+    # and it converts back: the iconv hint's output is what the loader reads
+    (tmp_path / "u16.jsonl").write_bytes(text.encode("utf-16"))
+    (tmp_path / "u16.utf8.jsonl").write_bytes((tmp_path / "u16.jsonl").read_bytes().decode("utf-16").encode())
+    assert load_sft_records(tmp_path / "u16.utf8.jsonl")[0][0].prompt == WANT[0].prompt
 
 
 # ----------------------------------------------------------------------------- templates + tokenizers
@@ -263,6 +321,28 @@ def test_split_deterministic_disjoint_nested():
         split_records(records, 0.05, num_prompts=951, seed=3)
     with pytest.raises(ValueError, match="heldout_fraction=1.0"):
         split_records(records, 1.0, seed=3)
+
+
+def test_split_refuses_zero_heldout_and_names_the_file():
+    from spin_mcore.data.split import min_records
+
+    records = [SFTRecord(str(i), "p", "r") for i in range(19)]
+    assert [len(x) for x in split_records(records[:11], 0.05, seed=0)] == [10, 1]  # round(0.55) = 1
+    with pytest.raises(ValueError, match=r"^d\.jsonl: 10 records leave no held-out prompt at "
+                                         r"data\.heldout_fraction=0\.05 \(round\(10 x 0\.05\) = 0\); "
+                                         r"give at least 11 records"):
+        split_records(records[:10], 0.05, seed=0, source="d.jsonl")
+    assert split_records(records[:5], 0.0, seed=0) == (records[:5], [])  # 0 asks for no held-out set
+    with pytest.raises(ValueError, match=r"^d\.jsonl: data\.num_prompts=19 but only 18 records remain"):
+        split_records(records, 0.05, 19, seed=0, source="d.jsonl")
+    # min_records is the exact threshold, including round-half-to-even and large fractions
+    for f in (0.05, 0.02, 0.1, 0.3, 0.5, 0.9, 0.99):
+        n = min_records(f)
+        recs = [SFTRecord(str(i), "p", "r") for i in range(n)]
+        train, held = split_records(recs, f, seed=0)
+        assert len(train) >= 1 and len(held) >= 1, f
+        with pytest.raises(ValueError, match="leave no held-out prompt|leaves no training record"):
+            split_records(recs[:-1], f, seed=0)
 
 
 def test_prepare_sft_data_composes_the_steps(tmp_path, sp_tok):

@@ -14,9 +14,13 @@ so ids do not shift when bad lines are skipped.
 
 Errors are ``ValueError`` naming the file and the 1-based line (or 0-based row): malformed
 JSON, invalid UTF-8, a non-object row, missing or non-string fields, an empty prompt or
-response, a chat row without a user->assistant turn, duplicate ids. With
-``skip_bad_lines=True`` lines that are not valid UTF-8 JSON objects are skipped and counted;
-schema errors still raise, because they point at the wrong file or field, not at noise.
+response, a chat message with a role outside :data:`KNOWN_ROLES`, a chat row without a
+user->assistant turn, duplicate ids, and a source with no records at all. A UTF-16 or UTF-32
+file is named as such, with the ``iconv`` line that converts it; a UTF-8 byte-order mark is
+accepted. With ``skip_bad_lines=True`` lines that are not valid UTF-8 JSON objects are skipped:
+``stats["rejects"]`` lists every one (file, 1-based line, reason, raw text),
+:func:`skipped_summary` words the first few for a log and :func:`write_rejects` stores them.
+Schema errors still raise, because they point at the wrong file or field, not at noise.
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
+
+# Roles a chat record may use (HF chat templates' names); anything else is a typo or another
+# dataset's schema (ShareGPT's "human"/"gpt"), and is refused naming the role.
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+# Byte-order marks of encodings that are not UTF-8, longest first (UTF-32 LE starts with UTF-16 LE's).
+_FOREIGN_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                 (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -44,10 +56,13 @@ def load_sft_records(path: str | Path, skip_bad_lines: bool = False, split: Opti
     split: for a ``DatasetDict`` directory, the split to read; default ``train``, else
     ``train_sft`` (UltraChat200k), else the only split.
     Returns ``(records, stats)``; stats counts ``rows`` (non-blank rows seen), ``loaded``,
-    ``skipped_bad_lines``, ``blank_lines``, ``pair_rows`` and ``chat_rows``.
+    ``skipped_bad_lines``, ``blank_lines``, ``pair_rows`` and ``chat_rows``, and lists the
+    skipped lines in ``rejects`` (``{"file", "line", "reason", "text"}`` each, in file order).
+    Raises ValueError naming the file when it holds no record at all.
     """
     path = Path(path)
-    stats = {"rows": 0, "loaded": 0, "skipped_bad_lines": 0, "blank_lines": 0, "pair_rows": 0, "chat_rows": 0}
+    stats = {"rows": 0, "loaded": 0, "skipped_bad_lines": 0, "blank_lines": 0, "pair_rows": 0, "chat_rows": 0,
+             "rejects": []}
     if path.is_dir():
         rows = _datasets_rows(path, split)
     elif not path.exists():
@@ -70,7 +85,62 @@ def load_sft_records(path: str | Path, skip_bad_lines: bool = False, split: Opti
         stats[f"{shape}_rows"] += 1
         records.append(record)
     stats["loaded"] = len(records)
+    if not records:
+        raise ValueError(_no_records_message(path, stats))
     return records, stats
+
+
+def _no_records_message(path: Path, stats: dict) -> str:
+    if stats["skipped_bad_lines"]:
+        first = stats["rejects"][0]
+        return (f"{path}: no records: all {stats['skipped_bad_lines']} non-blank lines are bad and were skipped "
+                f"(data.skip_bad_lines=true); the first, line {first['line']}: {first['reason']}")
+    if stats["blank_lines"]:
+        return f"{path}: no records: the file has only blank lines ({stats['blank_lines']})"
+    return f"{path}: no records: the {'dataset' if path.is_dir() else 'file'} is empty"
+
+
+def skipped_summary(stats: dict, limit: int = 5) -> str:
+    """One log line naming the first ``limit`` skipped lines and why, e.g.
+    ``skipped 3 bad lines: line 2: malformed JSON: ...; line 5: invalid UTF-8 ...``; "" when none."""
+    rejects = stats.get("rejects") or []
+    if not rejects:
+        return ""
+    shown = "; ".join(f"line {r['line']}: {r['reason']}" for r in rejects[:limit])
+    more = f"; and {len(rejects) - limit} more" if len(rejects) > limit else ""
+    return f"skipped {len(rejects)} bad line{'s' if len(rejects) != 1 else ''} (data.skip_bad_lines=true): {shown}{more}"
+
+
+def write_rejects(path: str | Path, rejects: list[dict]) -> Path:
+    """Write the skipped lines as JSONL (``{"file", "line", "reason", "text"}`` per line) atomically."""
+    from spin_mcore.utils.io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    return Path(path)
+
+
+def check_encoding(path: Path, data: bytes) -> bytes:
+    """``data`` without a UTF-8 byte-order mark; ValueError naming the encoding of a UTF-16/UTF-32 file.
+
+    Files without a mark are recognised by the NUL bytes that ASCII text gets in those encodings.
+    """
+    for bom, name in _FOREIGN_BOMS:
+        if data.startswith(bom):
+            raise ValueError(_convert_hint(path, name, "it starts with a byte-order mark"))
+    if data.startswith(_UTF8_BOM):
+        return data[len(_UTF8_BOM):]
+    head = data[:4]
+    if len(head) == 4 and b"\x00" in head:
+        name = "UTF-32" if head.count(b"\x00") == 3 else "UTF-16"
+        order = "LE" if head[0] != 0 else "BE"
+        raise ValueError(_convert_hint(path, name + order, "it has NUL bytes between its characters"))
+    return data
+
+
+def _convert_hint(path: Path, encoding: str, why: str) -> str:
+    out = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    return (f"{path}: the file is {encoding}-encoded ({why}), SFT data must be UTF-8; convert it with "
+            f"`iconv -f {encoding} -t UTF-8 {path} > {out}`")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -78,7 +148,7 @@ def load_sft_records(path: str | Path, skip_bad_lines: bool = False, split: Opti
 
 
 def _json_rows(path: Path, skip_bad_lines: bool, stats: dict) -> Iterator[tuple[str, int, Any]]:
-    data = path.read_bytes()
+    data = check_encoding(path, path.read_bytes())
     if path.suffix == ".json" and data.lstrip()[:1] == b"[":
         try:
             rows = json.loads(data.decode("utf-8"))
@@ -91,6 +161,12 @@ def _json_rows(path: Path, skip_bad_lines: bool, stats: dict) -> Iterator[tuple[
             yield f"{path} row {i}", i, row
         return
     lines = data.split(b"\n")
+
+    def skip(i: int, raw: bytes, reason: str) -> None:
+        stats["skipped_bad_lines"] += 1
+        stats["rejects"].append({"file": str(path), "line": i + 1, "reason": reason,
+                                 "text": raw.decode("utf-8", errors="backslashreplace")})
+
     for i, raw in enumerate(lines):
         where = f"{path}:{i + 1}"
         if not raw.strip():
@@ -100,19 +176,21 @@ def _json_rows(path: Path, skip_bad_lines: bool, stats: dict) -> Iterator[tuple[
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
+            reason = f"invalid UTF-8 ({exc.reason} at byte {exc.start} of the line)"
             if skip_bad_lines:
-                stats["skipped_bad_lines"] += 1
+                skip(i, raw, reason)
                 continue
-            raise ValueError(f"{where}: invalid UTF-8 ({exc.reason} at byte {exc.start} of the line)") from None
+            raise ValueError(f"{where}: {reason}") from None
         try:
             row = json.loads(text)
         except json.JSONDecodeError as exc:
+            reason = f"malformed JSON: {exc.msg} (column {exc.colno})"
             if skip_bad_lines:
-                stats["skipped_bad_lines"] += 1
+                skip(i, raw, reason)
                 continue
-            raise ValueError(f"{where}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+            raise ValueError(f"{where}: {reason}") from None
         if not isinstance(row, dict) and skip_bad_lines:
-            stats["skipped_bad_lines"] += 1
+            skip(i, raw, f"expected a JSON object, got {type(row).__name__}")
             continue
         yield where, i, row
 
@@ -186,6 +264,9 @@ def _first_turn(messages: Any, where: str) -> tuple[Any, Any]:
     for k, msg in enumerate(messages):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             raise ValueError(f"{where}: messages[{k}] must be an object with 'role' and 'content'")
+        if msg["role"] not in KNOWN_ROLES:
+            raise ValueError(f"{where}: messages[{k}] has unknown role {msg['role']!r} "
+                             f"(known roles: {', '.join(KNOWN_ROLES)})")
     for k in range(len(messages) - 1):
         if messages[k]["role"] == "user" and messages[k + 1]["role"] == "assistant":
             return messages[k]["content"], messages[k + 1]["content"]

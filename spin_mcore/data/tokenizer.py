@@ -46,8 +46,20 @@ class Tokenizer:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; special tokens (BOS/EOS/PAD) are dropped."""
+        """Text of ``ids``; special tokens (BOS/EOS/PAD) are dropped.
+
+        Raises ValueError for an id outside the vocabulary (a model whose ``model.vocab_size``
+        exceeds this tokenizer's sampled it): never a crash deep in the backend, never a silent drop.
+        """
         raise NotImplementedError
+
+    def _checked_ids(self, ids: Iterable[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise ValueError(f"{self.path}: token id {bad} is outside this tokenizer's {self.vocab_size} ids "
+                             "(is model.vocab_size larger than the tokenizer's vocabulary?)")
+        return ids
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False) -> str:
         """Render ``messages`` with this tokenizer's Jinja chat template, as HF ``transformers`` does.
@@ -101,7 +113,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.encode(list(texts), out_type=int)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        return self.sp.decode(self._checked_ids(ids))
 
 
 class HFTokenizer(Tokenizer):
@@ -144,7 +156,7 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self.tok.decode(self._checked_ids(ids), skip_special_tokens=True)
 
 
 def _tokenizer_config(directory: Path) -> dict:

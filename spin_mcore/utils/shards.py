@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from spin_mcore.utils.io import atomic_write_json, atomic_write_text, read_json
+from spin_mcore.utils.io import atomic_write_json, atomic_write_text, read_json, remove_stale_tmp
 
 
 class StageMismatchError(RuntimeError):
@@ -38,6 +38,9 @@ class ShardedStage:
         self.stage = stage
         self.fingerprint = fingerprint
         self.dir.mkdir(parents=True, exist_ok=True)
+        # Temporary files (and directories) of writes a kill cut short; no shard of this stage is
+        # being written yet: every caller constructs the stage before its writers start.
+        remove_stale_tmp(self.dir)
         manifest = read_json(self.manifest_path)
         if manifest is not None and manifest.get("fingerprint") != fingerprint:
             if not force:
