@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Order is the order shown in --help.
-COMMANDS = ("demo", "run", "generate", "train", "eval", "convert", "smoke")
+COMMANDS = ("demo", "run", "generate", "train", "eval", "convert", "smoke", "ranks")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ overrides on the command line. Overrides use dotted paths into the sections,
 e.g. ``train.micro_batch_size=2`` or ``spin.beta=[0.1,0.1,0.1,5.0]``.
 
 Sections, one per concern: ``model``, ``parallel``, ``precision``, ``data``,
-``generation``, ``spin``, ``train``, ``run``. Every field carries its help text in
+``generation``, ``spin``, ``train``, ``run``, ``platform``. Every field carries its help text in
 ``metadata["help"]``.
 """
 
@@ -154,6 +154,18 @@ class RunConfig:
 
 
 @dataclass
+class PlatformConfig:
+    """Where the ranks run and how they meet (see spin_mcore/platform/distributed.py)."""
+
+    device: str = _f("auto", "auto (CUDA where visible, else CPU with gloo and the CUDA emulation), cuda (fail "
+                     "loudly when CUDA is not visible: the cluster scripts set this), or cpu (refused where CUDA "
+                     "is visible: hide GPUs with CUDA_VISIBLE_DEVICES= to run on CPU).")
+    dist_timeout_minutes: Optional[int] = _f(None, "Timeout of the rendezvous and of every collective (torch "
+                                             "init_process_group and Megatron's groups); None keeps torch's "
+                                             "default (10 min NCCL, 30 min gloo) and Megatron's 30 min.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -163,6 +175,7 @@ class Config:
     spin: SpinConfig = field(default_factory=SpinConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    platform: PlatformConfig = field(default_factory=PlatformConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -340,3 +353,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.warmup_fraction={t.warmup_fraction}: must be in [0, 1)")
     if cfg.run.iterations < 1:
         raise ConfigError(f"run.iterations={cfg.run.iterations}: must be >= 1")
+    _choice("platform.device", cfg.platform.device, ("auto", "cuda", "cpu"))
+    if cfg.platform.dist_timeout_minutes is not None and cfg.platform.dist_timeout_minutes < 1:
+        raise ConfigError(f"platform.dist_timeout_minutes={cfg.platform.dist_timeout_minutes}: must be >= 1 (or none)")

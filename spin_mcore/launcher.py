@@ -50,9 +50,20 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
             pass
 
 
-def launched() -> bool:
-    """True when torchrun/srun (or this launcher) already started the ranks."""
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+def launched(environ=None) -> bool:
+    """True when torchrun, srun or this launcher already started the ranks (``environ``: default os.environ).
+
+    Under SLURM only an ``srun`` task of a step with several tasks counts: the batch shell
+    also has ``SLURM_PROCID=0`` (and the allocation's ``SLURM_NTASKS``) but no
+    ``SLURM_STEP_ID``, and a one-task step has no peers to wait for. Both start
+    ``run.nproc`` local ranks instead.
+    """
+    from spin_mcore.platform.slurm import in_job_step
+
+    env = os.environ if environ is None else environ
+    if "RANK" in env:
+        return True
+    return in_job_step(env) and env.get("SLURM_NTASKS", "1") != "1"
 
 
 def run_local(fn: Callable, nprocs: int, *args: Any, timeout: float = 1800.0, env: dict | None = None) -> list:

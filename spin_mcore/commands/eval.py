@@ -18,7 +18,7 @@ def eval_rank(config_path, overrides: list, checkpoint: str, pairs, reference, o
     from spin_mcore.utils.shards import read_stage
 
     cfg = load_config(config_path, overrides)
-    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed, platform=cfg.platform)
     data = prepare(cfg, pstate)
     ref = list(read_stage(reference)) if reference else None
     return evaluate(cfg, pstate, data, checkpoint, Path(pairs), ref, Path(out))
@@ -42,6 +42,7 @@ def _export_rank(checkpoint: str, hf_dir: str) -> str:
 def run(args) -> int:
     from spin_mcore.config import load_config
     from spin_mcore.launcher import launched, run_local
+    from spin_mcore.platform.distributed import select_device
     from spin_mcore.utils.io import atomic_write_json
 
     if args.harness:
@@ -57,6 +58,7 @@ def run(args) -> int:
             raise ValueError("--pairs is required for the built-in evaluation (a held-out generation stage directory)")
         config_path, overrides = split_config_and_overrides(args)
         cfg = load_config(config_path, overrides)
+        select_device(cfg.platform.device)  # platform.device=cuda without CUDA: one clear error, no process started
         call = (config_path, overrides, args.checkpoint, args.pairs, args.reference, args.out)
         row = eval_rank(*call) if launched() else run_local(eval_rank, cfg.run.nproc, *call)[0]
     atomic_write_json(Path(args.out) / "eval.json", row)

@@ -44,7 +44,7 @@ def generate_rank(config: str | None, overrides: list[str], out: str, iteration:
     train, _ = split_records(records, cfg.data.heldout_fraction, cfg.data.num_prompts, seed=cfg.data.seed)
     prompts, _ = tokenize_records(train, tok, cfg.data.template, cfg.data.max_prompt_length, cfg.data.max_response_length)
 
-    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed, platform=cfg.platform)
     model = build_gpt_model(cfg.model, pstate, cfg.precision)
     if hf is not None:
         from spin_mcore.models.hf_convert import load_hf_weights
@@ -76,9 +76,11 @@ def run(args) -> int:
     from spin_mcore.commands.common import split_config_and_overrides
     from spin_mcore.config import load_config
     from spin_mcore.launcher import WorkerError, launched, run_local
+    from spin_mcore.platform.distributed import select_device
 
     config, overrides = split_config_and_overrides(args)
     cfg = load_config(config, overrides)  # validate here, before spawning
+    select_device(cfg.platform.device)  # platform.device=cuda without CUDA: one clear error, no process started
     out = args.out or str(RunDir(cfg.run.dir).iteration(args.iteration) / "train_generation")
     fn_args = (config, overrides, out, args.iteration, args.checkpoint, args.hf, args.force)
     if launched():

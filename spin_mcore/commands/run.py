@@ -20,16 +20,18 @@ def run_rank(config_path, overrides: list, force: bool) -> list:
     from spin_mcore.platform import init_distributed
 
     cfg = load_config(config_path, overrides)
-    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed, platform=cfg.platform)
     return run_spin(cfg, pstate, force=force)
 
 
 def run(args) -> int:
     from spin_mcore.config import load_config
     from spin_mcore.launcher import launched, run_local
+    from spin_mcore.platform.distributed import select_device
 
     config_path, overrides = split_config_and_overrides(args)
     cfg = load_config(config_path, overrides)  # validate before any process starts
+    select_device(cfg.platform.device)  # platform.device=cuda without CUDA: one clear error, no process started
     if cfg.run.init_checkpoint is None:
         raise ValueError("run.init_checkpoint is not set: SPIN starts from an SFT model (theta_0)")
     for field in ("path", "tokenizer"):

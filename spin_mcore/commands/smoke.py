@@ -14,7 +14,7 @@ def _smoke_rank(tp: int, seq: int, batch: int) -> dict:
     from spin_mcore.platform import init_distributed
 
     cfg = load_config(overrides=["model.preset=tiny", f"parallel.tp={tp}"])
-    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed, platform=cfg.platform)
     model = build_gpt_model(cfg.model, pstate, cfg.precision)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), generator=gen)

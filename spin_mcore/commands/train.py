@@ -26,7 +26,7 @@ def train_rank(config_path, overrides: list, data: list, out: str, init, iterati
     from spin_mcore.training.trainer import setup_model, train
 
     cfg = load_config(config_path, overrides)
-    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed, platform=cfg.platform)
     if reference:
         from spin_mcore.training.reference import compute_reference_logprobs
 
@@ -45,9 +45,11 @@ def train_rank(config_path, overrides: list, data: list, out: str, init, iterati
 def run(args) -> int:
     from spin_mcore.config import load_config
     from spin_mcore.launcher import launched, run_local
+    from spin_mcore.platform.distributed import select_device
 
     config_path, overrides = split_config_and_overrides(args)
     cfg = load_config(config_path, overrides)  # fail on bad config before any process starts
+    select_device(cfg.platform.device)  # platform.device=cuda without CUDA: one clear error, no process started
     init = args.init if args.init is not None else cfg.run.init_checkpoint
     call = (config_path, overrides, list(args.data), args.out, init, args.iteration, args.reference)
     if launched():

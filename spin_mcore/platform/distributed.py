@@ -1,9 +1,22 @@
 """Process-group and Megatron ``parallel_state`` initialisation.
 
 On CUDA: NCCL, one GPU per local rank. On CPU: gloo plus the CUDA emulation of
-:mod:`spin_mcore.platform.cpu_emulation`. Megatron keeps its groups in module
-globals; we wrap them once here in a :class:`ParallelState` that the rest of the
-code receives explicitly.
+:mod:`spin_mcore.platform.cpu_emulation`. ``platform.device`` chooses: ``auto``
+(CUDA where visible), ``cuda`` (fail loudly where it is not: the cluster setting),
+``cpu`` (refused where CUDA is visible, because the emulation must never hide a GPU).
+
+Where the rendezvous comes from, first match wins:
+
+1. torchrun / :func:`spin_mcore.launcher.run_local`: ``RANK``, ``WORLD_SIZE``,
+   ``MASTER_ADDR``, ``MASTER_PORT`` are already in the environment;
+2. an ``srun`` task: :func:`spin_mcore.platform.slurm.rendezvous_from_slurm`
+   (ranks from ``SLURM_PROCID`` / ``SLURM_LOCALID`` / ``SLURM_NTASKS``, master = first
+   host of the node list, port from ``SLURM_JOB_ID``);
+3. anything else (a plain process, or the batch shell of a SLURM job, which has
+   ``SLURM_PROCID=0`` but is no job step): a one-process world on a free local port.
+
+Megatron keeps its groups in module globals; we wrap them once here in a
+:class:`ParallelState` that the rest of the code receives explicitly.
 """
 
 from __future__ import annotations
@@ -11,17 +24,78 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from datetime import timedelta
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
-from spin_mcore.config import ConfigError, ParallelConfig
+from spin_mcore.config import ConfigError, ParallelConfig, PlatformConfig
+from spin_mcore.platform.slurm import in_job_step, rendezvous_from_slurm
 
 
 def on_gpu() -> bool:
-    """True when this process should use CUDA (always, where CUDA is available)."""
+    """True when this process uses CUDA: where CUDA is available (``platform.device=cpu`` is refused there)."""
     return torch.cuda.is_available()
+
+
+# Default of the ``visible`` parameters below: read CUDA_VISIBLE_DEVICES when called (None means unset).
+_FROM_ENV: Any = object()
+
+
+def select_device(setting: str, cuda_available: Optional[bool] = None, visible: Optional[str] = _FROM_ENV) -> str:
+    """``platform.device`` -> ``"cuda"`` or ``"cpu"``, or ConfigError naming the field.
+
+    ``cuda_available`` / ``visible`` default to this process's ``torch.cuda.is_available()``
+    and ``CUDA_VISIBLE_DEVICES``; they are parameters so the rule is testable on any machine.
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if visible is _FROM_ENV:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = "unset" if visible is None else repr(visible)
+    if setting == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if setting == "cuda":
+        if not cuda_available:
+            raise ConfigError(f"platform.device=cuda but CUDA is not visible to this process "
+                              f"(torch.cuda.is_available() is False, CUDA_VISIBLE_DEVICES={shown}); "
+                              "check the job's GPU request and the node's driver, or use platform.device=auto")
+        return "cuda"
+    if setting == "cpu":
+        if cuda_available:
+            # The CPU emulation patches torch.cuda process-wide; beside a real GPU it would
+            # silently redirect Megatron's CUDA buffers, so it refuses to run there.
+            raise ConfigError(f"platform.device=cpu but CUDA is visible (CUDA_VISIBLE_DEVICES={shown}); "
+                              "to run on the CPU hide the GPUs: CUDA_VISIBLE_DEVICES= spin-mcore ...")
+        return "cpu"
+    raise ConfigError(f"platform.device={setting!r}: must be one of auto, cuda, cpu")
+
+
+def local_device_index(local_rank: int, device_count: int, visible: Optional[str] = _FROM_ENV) -> int:
+    """The CUDA device index this local rank uses, among the ``device_count`` it can see.
+
+    * every GPU of the node visible to every task (torchrun, srun without GPU binding):
+      local rank i uses device i;
+    * one GPU per task (``srun --gpus-per-task=1``, SLURM sets ``CUDA_VISIBLE_DEVICES``
+      per task): every task uses its only device, index 0.
+
+    Raises ValueError naming ``CUDA_VISIBLE_DEVICES`` when ranks would share a device: no
+    device at all, more local ranks than visible devices, or a single unbound device
+    (``CUDA_VISIBLE_DEVICES`` unset) that several local ranks would all pick.
+    """
+    if visible is _FROM_ENV:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = "unset" if visible is None else repr(visible)
+    if device_count < 1:
+        raise ValueError(f"LOCAL_RANK={local_rank}: no CUDA device is visible (CUDA_VISIBLE_DEVICES={shown})")
+    if local_rank < device_count:
+        return local_rank
+    if device_count == 1 and visible is not None:
+        return 0  # SLURM bound one GPU to this task
+    raise ValueError(f"LOCAL_RANK={local_rank} needs at least {local_rank + 1} visible CUDA devices but this task "
+                     f"sees {device_count} (CUDA_VISIBLE_DEVICES={shown}); start one task per GPU "
+                     "(srun --ntasks-per-node=GPUs or --gpus-per-task=1)")
 
 
 @dataclass
@@ -63,10 +137,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_parallel_sizes(world_size: int, parallel: ParallelConfig) -> None:
-    """Raise ConfigError when the world cannot be split into TP x PP x CP x DP."""
-    if parallel.cp > 1 and not on_gpu():
-        raise ConfigError(f"parallel.cp={parallel.cp}: context parallelism needs CUDA (TE attention); use cp=1 on CPU")
+def check_world_size(world_size: int, parallel: ParallelConfig) -> None:
+    """Raise ConfigError when ``world_size`` ranks cannot be split into TP x PP x CP x DP."""
     model_parallel = parallel.tp * parallel.pp * parallel.cp
     if world_size % model_parallel:
         raise ConfigError(
@@ -75,31 +147,106 @@ def check_parallel_sizes(world_size: int, parallel: ParallelConfig) -> None:
         )
 
 
-def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelState:
-    """Initialise torch.distributed (from torchrun/srun env, or a 1-process world) and Megatron's groups.
+def check_parallel_sizes(world_size: int, parallel: ParallelConfig) -> None:
+    """Raise ConfigError when the world cannot be split into TP x PP x CP x DP on this machine."""
+    if parallel.cp > 1 and not on_gpu():
+        raise ConfigError(f"parallel.cp={parallel.cp}: context parallelism needs CUDA (TE attention); use cp=1 on CPU")
+    check_world_size(world_size, parallel)
 
-    Safe to call again in the same process with the same sizes (returns the current state).
+
+def _megatron_order() -> str:
+    """The rank order ``initialize_model_parallel`` uses by default (``"tp-cp-ep-dp-pp"`` in 0.16)."""
+    import inspect
+
+    from megatron.core import parallel_state as mps
+
+    return inspect.signature(mps.initialize_model_parallel).parameters["order"].default
+
+
+def parallel_grid(world_size: int, parallel: ParallelConfig) -> list[dict]:
+    """Each global rank's ``tp_rank``, ``pp_rank``, ``cp_rank``, ``dp_rank``, without any process group.
+
+    Uses Megatron's own ``RankGenerator`` with the order ``initialize_model_parallel``
+    uses, so it is what :func:`init_distributed` will report on that rank (TP varies
+    fastest, then CP, then DP, then PP). ``dp_rank`` is the rank in the data-parallel
+    group without CP, like ``get_data_parallel_rank()``.
+    """
+    from megatron.core.parallel_state import RankGenerator
+
+    check_world_size(world_size, parallel)
+    dp = world_size // (parallel.tp * parallel.pp * parallel.cp)
+    gen = RankGenerator(tp=parallel.tp, ep=1, dp=dp, pp=parallel.pp, cp=parallel.cp, order=_megatron_order())
+    grid: list[dict] = [{} for _ in range(world_size)]
+    for name in ("tp", "pp", "cp", "dp"):
+        for group in gen.get_ranks(name):
+            for index, rank in enumerate(sorted(group)):  # torch numbers a group's ranks in ascending order
+                grid[rank][f"{name}_rank"] = index
+    return grid
+
+
+def rendezvous_env(environ: Mapping[str, str]) -> dict:
+    """``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` for this process.
+
+    See the module docstring for the three cases. Raises ValueError naming the variable
+    when a launcher's environment is incomplete; a world of several processes never falls
+    back to a per-process port (they would never meet).
+    """
+    if "RANK" in environ:  # torchrun or run_local
+        env = {name: environ.get(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        for name in ("RANK", "WORLD_SIZE"):
+            if env[name] is None:
+                raise ValueError(f"RANK is set but {name} is not: launch with torchrun, srun or spin-mcore's own launcher")
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+            if env[name] is not None and not env[name].isdigit():
+                raise ValueError(f"{name}={env[name]!r} is not a non-negative integer")
+        if int(env["RANK"]) >= int(env["WORLD_SIZE"]):
+            raise ValueError(f"RANK={env['RANK']} is not below WORLD_SIZE={env['WORLD_SIZE']}")
+        env["LOCAL_RANK"] = env["LOCAL_RANK"] or "0"
+    elif in_job_step(environ):
+        env = rendezvous_from_slurm(environ)
+    else:
+        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+               "MASTER_ADDR": environ.get("MASTER_ADDR"), "MASTER_PORT": environ.get("MASTER_PORT")}  # kept when both set
+    if env["WORLD_SIZE"] == "1" and not (environ.get("MASTER_ADDR") and environ.get("MASTER_PORT")):
+        # A world of one only talks to itself: a free local port, not the job's shared one
+        # (one-task steps of a job may run side by side, and not on the job's first node).
+        env["MASTER_ADDR"], env["MASTER_PORT"] = "127.0.0.1", str(free_port())
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not env[name]:
+            raise ValueError(f"WORLD_SIZE={env['WORLD_SIZE']} but {name} is not set")
+    return env
+
+
+def init_distributed(parallel: ParallelConfig, seed: int = 1234,
+                     platform: Optional[PlatformConfig] = None) -> ParallelState:
+    """Initialise torch.distributed (torchrun, srun or a 1-process world) and Megatron's groups.
+
+    ``platform`` (default ``PlatformConfig()``: device auto, torch's timeouts) picks the
+    device and the collectives' timeout. Raises ConfigError for an impossible device or
+    layout, ValueError (naming the variable) for a broken launcher environment. Safe to
+    call again in the same process with the same sizes (returns the current state).
     """
     from megatron.core import parallel_state as mps
     from megatron.core import tensor_parallel
 
-    gpu = on_gpu()
+    platform = platform or PlatformConfig()
+    gpu = select_device(platform.device) == "cuda"
     if not gpu:
         from spin_mcore.platform import cpu_emulation
 
         cpu_emulation.enable()
+    timeout = None if platform.dist_timeout_minutes is None else timedelta(minutes=platform.dist_timeout_minutes)
 
     if not dist.is_initialized():
-        _env_from_slurm()
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(free_port())
-        rank = int(os.environ.get("RANK", "0"))
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        env = rendezvous_env(os.environ)
+        os.environ.update(env)  # env:// reads MASTER_ADDR / MASTER_PORT from here
+        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
         check_parallel_sizes(world_size, parallel)
         if gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if gpu else "gloo", rank=rank, world_size=world_size)
+            torch.cuda.set_device(local_device_index(int(env["LOCAL_RANK"]), torch.cuda.device_count(),
+                                                     os.environ.get("CUDA_VISIBLE_DEVICES")))
+        dist.init_process_group(backend="nccl" if gpu else "gloo", rank=rank, world_size=world_size,
+                                **({} if timeout is None else {"timeout": timeout}))
     world_size = dist.get_world_size()
     check_parallel_sizes(world_size, parallel)
 
@@ -111,6 +258,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelStat
             tensor_model_parallel_size=parallel.tp,
             pipeline_model_parallel_size=parallel.pp,
             context_parallel_size=parallel.cp,
+            **({} if timeout is None else {"distributed_timeout_minutes": platform.dist_timeout_minutes}),
         )
     # Seeds the CPU RNG identically on every rank (TP-invariant init through
     # use_cpu_initialization) and gives the TP region its own dropout stream.
@@ -132,15 +280,6 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelStat
         pp_group=mps.get_pipeline_model_parallel_group(),
         dp_group=mps.get_data_parallel_group(),
     )
-
-
-def _env_from_slurm() -> None:
-    """Map srun's SLURM_* variables to torch's when launched without torchrun."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
 def destroy_distributed() -> None:
