@@ -7,7 +7,9 @@ sets ``func`` to a callable taking the parsed args and returning an exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 
 # Order is the order shown in --help.
@@ -33,9 +35,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from spin_mcore.config import ConfigError
+    from spin_mcore.platform import preemption
 
+    # Resumable commands (set_defaults(preemptible=True)) stop at a step/shard boundary on
+    # SIGUSR1/SIGTERM and exit with REQUEUE_EXIT_CODE; the others keep the default handlers.
+    handlers = preemption.handled() if getattr(args, "preemptible", False) else contextlib.nullcontext()
     try:
-        return int(args.func(args) or 0)
+        with handlers:
+            return int(args.func(args) or 0)
+    except preemption.Preempted as exc:
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # one line per job, not per rank
+            print(f"spin-mcore {args.command}: preempted ({exc.signal_name} after {exc.where}); state saved, "
+                  "re-run the same command to resume", file=sys.stderr)
+        return preemption.REQUEUE_EXIT_CODE
     except ConfigError as exc:
         print(f"spin-mcore {args.command}: config error: {exc}", file=sys.stderr)
         return 2

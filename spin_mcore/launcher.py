@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
+from spin_mcore.platform import preemption
 from spin_mcore.platform.distributed import free_port
 
 
@@ -35,10 +36,15 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
+    # The rank started with SIGUSR1/SIGTERM blocked (run_local); a signal forwarded by the
+    # parent meanwhile is pending and reaches the flag now.
+    preemption.install()
     try:
         out = fn(*args)
         pickle.dumps(out)
         results.put((rank, True, out))
+    except preemption.Preempted as exc:  # state saved at a boundary: an outcome, not a failure
+        results.put((rank, None, (exc.signum, exc.where)))
     except BaseException as exc:  # report every failure, including SystemExit from a CLI stage
         results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
@@ -71,7 +77,10 @@ def run_local(fn: Callable, nprocs: int, *args: Any, timeout: float = 1800.0, en
 
     ``fn`` must be importable (module-level). With ``nprocs == 1`` it still runs in
     a child process so Megatron's global state never leaks into the caller.
-    Raises :class:`WorkerError` with the first failing rank's traceback.
+    Raises :class:`WorkerError` with the first failing rank's traceback, and
+    :class:`~spin_mcore.platform.preemption.Preempted` when the ranks stopped on
+    SIGUSR1/SIGTERM. Called from the main thread, it forwards those two signals
+    received by this process to the ranks (see :mod:`spin_mcore.platform.preemption`).
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -79,28 +88,50 @@ def run_local(fn: Callable, nprocs: int, *args: Any, timeout: float = 1800.0, en
     threads = max(1, (os.cpu_count() or 1) // nprocs)
     procs = [ctx.Process(target=_worker, args=(r, nprocs, port, fn, args, results, threads, dict(env or {})))
              for r in range(nprocs)]
-    for p in procs:
-        p.start()
     outputs: dict[int, Any] = {}
+    stopped: dict[int, tuple] = {}  # rank -> (signum, where) of ranks that raised Preempted
     deadline = time.monotonic() + timeout
-    try:
-        while len(outputs) < nprocs:
-            try:
-                rank, ok, payload = results.get(timeout=1.0)
-            except queue_mod.Empty:
-                # A rank killed by a signal (or a hard crash) never reports: notice it.
-                dead = [i for i, p in enumerate(procs) if i not in outputs and p.exitcode not in (None, 0)]
-                if dead:
-                    raise WorkerError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode} before reporting") from None
-                if time.monotonic() > deadline:
-                    raise WorkerError(f"ranks gave no result within {timeout:.0f}s") from None
-                continue
-            if not ok:
-                raise WorkerError(f"rank {rank} failed:\n{payload}")
-            outputs[rank] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=30 if len(outputs) == nprocs else 1)
-            if p.is_alive():
-                p.kill()
+    with preemption.handled():
+        try:
+            _start_forwarding(procs)
+            _collect(procs, results, outputs, stopped, deadline, timeout)
+        finally:
+            preemption.stop_forwarding(p.pid for p in procs if p.pid is not None)
+            for p in procs:
+                p.join(timeout=30 if len(outputs) + len(stopped) == nprocs else 1)
+                if p.is_alive():
+                    p.kill()
+    if stopped:
+        signum, where = stopped[min(stopped)]
+        raise preemption.Preempted(signum, where)
     return [outputs[r] for r in range(nprocs)]
+
+
+def _start_forwarding(procs: list) -> None:
+    """Start the ranks with the stop signals blocked (they unblock once their handler is in) and forward to them."""
+    for p in procs:
+        with preemption.blocked():
+            p.start()
+        preemption.forward_to([p.pid])
+
+
+def _collect(procs: list, results, outputs: dict, stopped: dict, deadline: float, timeout: float) -> None:
+    """Fill ``outputs`` (rank -> result) and ``stopped`` (rank -> Preempted args) until every rank reported."""
+    while len(outputs) + len(stopped) < len(procs):
+        try:
+            rank, ok, payload = results.get(timeout=1.0)
+        except queue_mod.Empty:
+            # A rank killed by a signal (or a hard crash) never reports: notice it.
+            dead = [i for i, p in enumerate(procs)
+                    if i not in outputs and i not in stopped and p.exitcode not in (None, 0)]
+            if dead:
+                raise WorkerError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode} before reporting") from None
+            if time.monotonic() > deadline:
+                raise WorkerError(f"ranks gave no result within {timeout:.0f}s") from None
+            continue
+        if ok is None:
+            stopped[rank] = payload
+        elif not ok:
+            raise WorkerError(f"rank {rank} failed:\n{payload}")
+        else:
+            outputs[rank] = payload

@@ -46,4 +46,4 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="reuse --out even if it was made with another config")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the SPIN config, e.g. train.lr=[3e-5] spin.beta=[0.1]")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, preemptible=True)  # SIGUSR1/SIGTERM: save, exit 75 (platform/preemption.py)

@@ -109,4 +109,4 @@ def register(sub) -> None:
     p.add_argument("--hf", help="HF safetensors directory holding theta_t")
     p.add_argument("--force", action="store_true", help="overwrite an output directory made with another config")
     p.add_argument("--nproc", type=int, default=None, help="local processes (default run.nproc)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, preemptible=True)  # SIGUSR1/SIGTERM: save, exit 75 (platform/preemption.py)

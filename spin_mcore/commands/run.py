@@ -48,4 +48,4 @@ def register(sub) -> None:
                        description=__doc__)
     add_config_args(p, required=False)
     p.add_argument("--force", action="store_true", help="reuse run.dir even if it was made with another config")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, preemptible=True)  # SIGUSR1/SIGTERM: save, exit 75 (platform/preemption.py)

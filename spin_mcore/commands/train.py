@@ -72,4 +72,4 @@ def register(sub) -> None:
     p.add_argument("--iteration", type=int, default=0, help="SPIN iteration t: picks spin.beta[t] and train.lr[t]")
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="run the reference pass of --init over --data first, writing DIR, then train on DIR")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, preemptible=True)  # SIGUSR1/SIGTERM: save, exit 75 (platform/preemption.py)

@@ -8,6 +8,8 @@ log-prob function), so at step 0 the policy reproduces these numbers to rounding
 
 Output: a ShardedStage directory (resumable by shard) whose records are the input
 records plus ``ref_logp_real`` and ``ref_logp_generated`` (fp32 sums over response tokens).
+On SIGUSR1/SIGTERM (:mod:`spin_mcore.platform.preemption`) every rank stops after the
+current shard, written and in the manifest, and raises ``Preempted``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Sequence
 
 import torch.distributed as dist
 
+from spin_mcore.platform import preemption
 from spin_mcore.training.batches import REF_GEN, REF_REAL, collate, example_from_record
 from spin_mcore.training.step import LossSpec, score_microbatches
 from spin_mcore.utils.io import read_json
@@ -72,6 +75,7 @@ def compute_reference_logprobs(cfg, model, pstate, in_dirs: Sequence, out_dir, f
     Writes ``out_dir`` as a resumable ShardedStage (``cfg.generation.shard_size`` pairs per shard);
     shards already present are skipped. ``model_id`` (e.g. the checkpoint path) goes into the
     stage fingerprint so scores of a different model are never mixed in. Returns the summary dict.
+    Raises ``Preempted`` after a complete shard when a stop signal arrived (see module docstring).
     """
     start = time.perf_counter()
     spec = loss_spec(cfg, pstate)
@@ -94,9 +98,10 @@ def compute_reference_logprobs(cfg, model, pstate, in_dirs: Sequence, out_dir, f
     shard = cfg.generation.shard_size
     model.eval()
     scored = 0
-    for index, lo in enumerate(range(0, len(records), shard)):
-        if stage.has_shard(index):
-            continue
+    n_shards = (len(records) + shard - 1) // shard
+    todo = [i for i in range(n_shards) if not stage.has_shard(i)]
+    for index in todo:
+        lo = index * shard
         chunk = records[lo:lo + shard]
         found = _score_records(cfg, model, pstate, chunk, spec)
         if pstate.rank == 0:
@@ -106,6 +111,9 @@ def compute_reference_logprobs(cfg, model, pstate, in_dirs: Sequence, out_dir, f
                 out.append({**rec, REF_REAL: real, REF_GEN: gen})
             stage.write_shard(index, out)
         scored += len(chunk)
+        # Collective: every rank stops after the same shard (rank 0 wrote it and the manifest first).
+        if index != todo[-1] and preemption.stop_requested():
+            raise preemption.preempted(f"reference shard {index + 1}/{n_shards}")
     summary = {"pairs": len(records), "scored_now": scored, "seconds": round(time.perf_counter() - start, 3),
                "micro_batch_size": cfg.train.micro_batch_size, "seq_length": cfg.model.seq_length}
     if pstate.rank == 0:

@@ -9,6 +9,10 @@ Order of one run:
     loop             train_step per global batch; metrics; checkpoints every save_interval
     save             final train_state + the model checkpoint out_dir/model (theta_{t+1})
 
+On SIGUSR1/SIGTERM (:mod:`spin_mcore.platform.preemption`) every rank finishes the
+current step, saves a train checkpoint as the save interval would, and raises
+``Preempted``; the next run resumes from it like from any other checkpoint.
+
 Where this departs from the paper (Chen et al. 2024, Algorithm 1): nothing in the
 objective. Steps whose loss or gradient is not finite are skipped (no update; the
 LR schedule still advances with the data position) and counted; the last partial global batch of the sample
@@ -24,6 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from spin_mcore.config import ConfigError, per_iteration
+from spin_mcore.platform import preemption
 from spin_mcore.training.batches import collate, load_examples, make_plan
 from spin_mcore.training.metrics import MetricsLogger
 from spin_mcore.training.reference import loss_spec
@@ -97,7 +102,8 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
             ``tensorboard/`` and the final model checkpoint ``model/``.
         iteration: SPIN iteration t (selects beta and peak LR).
     Returns a summary dict (same on every rank): steps, skipped, final metrics, model path, seconds.
-    Raises TooManySkippedSteps past ``train.max_skipped_steps`` non-finite steps.
+    Raises TooManySkippedSteps past ``train.max_skipped_steps`` non-finite steps, and
+    ``Preempted`` after saving a checkpoint when a stop signal arrived (see module docstring).
     """
     from spin_mcore.models.checkpoint import save_model_checkpoint
     from spin_mcore.models.gpt import params_dtype
@@ -141,6 +147,11 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
             raise ConfigError(f"{resume_from}: was trained for {loop['total_steps']} steps, this config gives "
                               f"{total_steps}; use a fresh output directory")
 
+    def save_state() -> None:
+        save_train_checkpoint(state_root, step, model, optimizer, scheduler, pstate,
+                              {"skipped": skipped, "tokens": tokens_seen, "total_steps": total_steps},
+                              keep=t_cfg.keep_checkpoints)
+
     model.train()
     start = time.perf_counter()
     last: dict = {}
@@ -179,10 +190,17 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
             last = _step_metrics(result["stats"], objective, result["grad_norm"], lr, seconds, skipped)
             if step % max(t_cfg.log_interval, 1) == 0 or step == total_steps:
                 logger.log(step, last)
-            if step % max(t_cfg.save_interval, 1) == 0 or step == total_steps:
-                save_train_checkpoint(state_root, step, model, optimizer, scheduler, pstate,
-                                      {"skipped": skipped, "tokens": tokens_seen, "total_steps": total_steps},
-                                      keep=t_cfg.keep_checkpoints)
+            saved = step % max(t_cfg.save_interval, 1) == 0 or step == total_steps
+            if saved:
+                save_state()
+            # Collective (one int all-reduced): every rank stops after the same step.
+            if step < total_steps and preemption.stop_requested():
+                if not saved:
+                    save_state()
+                stop = preemption.preempted(f"training step {step}/{total_steps}")
+                logger.message(f"{stop.signal_name}: stopped after step {step}/{total_steps}, "
+                               f"checkpoint saved in {state_root}; re-run to resume")
+                raise stop
     finally:
         logger.close()
 
