@@ -181,13 +181,9 @@ def forward_to(pids: Iterable[int]) -> None:
 
 
 def stop_forwarding(pids: Iterable[int]) -> None:
+    """Stop forwarding to ``pids`` (ranks that have exited)."""
     for pid in pids:
         _STATE.children.discard(pid)
-
-
-def request(signum: int = signal.SIGUSR1) -> None:
-    """Record a stop request as if ``signum`` had arrived (no forwarding)."""
-    _STATE.signum = _STATE.signum or int(signum)
 
 
 def received() -> int:
