@@ -9,6 +9,7 @@
 # stopped. Environment:
 #   SPIN_ARGS       extra CONFIG / key=value / --dry-run arguments
 #   SPIN_DRY_RUN=1  print each rank's command and environment (spin-mcore ranks), then exit
+#   SPIN_DEVICE     platform.device given to every rank (default cuda)
 #   SPIN_MCORE      the spin-mcore executable (default: .venv/bin/spin-mcore of the checkout, else PATH)
 #   SPIN_ROOT       the spin_mcore checkout (default: the submit directory under sbatch)
 #   SPIN_SRUN_ARGS  extra srun arguments
@@ -23,7 +24,10 @@ cd "${SLURM_SUBMIT_DIR:-$PWD}"
 
 config=${SPIN_DEFAULT_CONFIG:-}
 dry_run=${SPIN_DRY_RUN:-0}
-overrides=()
+# Cluster jobs run on GPUs: a node without a visible GPU fails loudly instead of falling back to
+# gloo and the CPU emulation. Later overrides win, so platform.device=cpu on the command line
+# (or in SPIN_ARGS) runs the same script on CPU nodes.
+overrides=("platform.device=${SPIN_DEVICE:-cuda}")
 # shellcheck disable=SC2206  # SPIN_ARGS is documented as space-separated words
 args=(${SPIN_ARGS:-} "$@")
 for arg in "${args[@]}"; do
@@ -31,7 +35,7 @@ for arg in "${args[@]}"; do
     --dry-run) dry_run=1 ;;
     *.yaml|*.yml) config=$arg ;;
     *=*) overrides+=("$arg") ;;
-    -h|--help) sed -n '2,15p' "$root/launch/spin_job.sh"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$root/launch/spin_job.sh"; exit 0 ;;
     *) echo "spin_job.sh: unexpected argument '$arg' (expected CONFIG.yaml, key=value or --dry-run)" >&2; exit 2 ;;
   esac
 done
