@@ -41,6 +41,7 @@ def _export_rank(checkpoint: str, hf_dir: str) -> str:
 
 def run(args) -> int:
     from spin_mcore.config import load_config
+    from spin_mcore.data.preflight import check_data
     from spin_mcore.launcher import launched, run_local
     from spin_mcore.platform.distributed import select_device
     from spin_mcore.utils.io import atomic_write_json
@@ -58,6 +59,7 @@ def run(args) -> int:
             raise ValueError("--pairs is required for the built-in evaluation (a held-out generation stage directory)")
         config_path, overrides = split_config_and_overrides(args)
         cfg = load_config(config_path, overrides)
+        check_data(cfg)  # data file, split sizes, tokenizer vs model.vocab_size: before any process starts
         select_device(cfg.platform.device)  # platform.device=cuda without CUDA: one clear error, no process started
         call = (config_path, overrides, args.checkpoint, args.pairs, args.reference, args.out)
         row = eval_rank(*call) if launched() else run_local(eval_rank, cfg.run.nproc, *call)[0]

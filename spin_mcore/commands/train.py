@@ -44,11 +44,13 @@ def train_rank(config_path, overrides: list, data: list, out: str, init, iterati
 
 def run(args) -> int:
     from spin_mcore.config import load_config
+    from spin_mcore.data.preflight import check_data
     from spin_mcore.launcher import launched, run_local
     from spin_mcore.platform.distributed import select_device
 
     config_path, overrides = split_config_and_overrides(args)
     cfg = load_config(config_path, overrides)  # fail on bad config before any process starts
+    check_data(cfg, records=False)  # tokenizer vs model.vocab_size (training reads --data, not data.path)
     select_device(cfg.platform.device)  # platform.device=cuda without CUDA: one clear error, no process started
     init = args.init if args.init is not None else cfg.run.init_checkpoint
     call = (config_path, overrides, list(args.data), args.out, init, args.iteration, args.reference)

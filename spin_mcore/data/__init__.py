@@ -3,5 +3,6 @@
 Modules, one job each: ``records`` (loading), ``templates`` (prompt text), ``tokenizer``
 (SentencePiece / HF tokenizers), ``split`` (held-out split, subsampling), ``tokenize``
 (ids with length limits), ``packing`` (pair packing and the sample index, C++ with a
-Python fallback), and ``prepare`` (one call from ``cfg.data`` to tokenised train / held-out).
+Python fallback), ``prepare`` (one call from ``cfg.data`` to tokenised train / held-out), and
+``preflight`` (the same inputs checked in the launching process, before any rank starts).
 """
