@@ -79,7 +79,8 @@ class DataConfig:
     max_response_length: int = _f(128, "Responses longer than this are right-truncated (counted and reported).")
     num_prompts: Optional[int] = _f(None, "Seeded subsample of prompts per iteration (the paper uses 50k of 200k); None keeps all.")
     heldout_fraction: float = _f(0.05, "Share of records held out for evaluation.")
-    skip_bad_lines: bool = _f(False, "Skip malformed JSON lines (and report the count) instead of failing.")
+    skip_bad_lines: bool = _f(False, "Skip malformed JSON lines instead of failing: the first 5 are reported with "
+                              "their reasons, all of them written to RUN/rejects.jsonl.")
     seed: int = _f(1234, "Seed for subsampling and the held-out split.")
 
 

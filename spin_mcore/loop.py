@@ -61,7 +61,9 @@ def prepare(cfg: Config, pstate) -> Prepared:
     if cfg.data.tokenizer is None:
         raise ValueError("data.tokenizer is not set")
     tok = load_tokenizer(cfg.data.tokenizer)
-    data = prepare_sft_data(cfg.data, tok, verbose=pstate.is_logging_rank)
+    # Lines skipped under data.skip_bad_lines go to RUN/rejects.jsonl (one writer).
+    rejects = Path(cfg.run.dir) / "rejects.jsonl" if pstate.is_logging_rank else None
+    data = prepare_sft_data(cfg.data, tok, verbose=pstate.is_logging_rank, rejects_path=rejects)
     answers = None
     checker = checker_for(cfg.run.checker)
     if checker is not None:

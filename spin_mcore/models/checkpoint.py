@@ -12,7 +12,8 @@ output layer may differ between TP sizes; Megatron marks those two tensors
 
 Saves are atomic: every rank writes into ``DIR.tmp-<token>``; after a barrier rank
 0 renames it to ``DIR``. A killed save leaves only the ``.tmp-`` directory, which
-no loader looks at, so a half-written checkpoint never looks complete.
+no loader looks at, so a half-written checkpoint never looks complete; the next save
+of ``DIR`` removes it first (``utils.io.remove_stale_tmp``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from spin_mcore.config import ModelConfig
-from spin_mcore.utils.io import atomic_write_json
+from spin_mcore.utils.io import atomic_write_json, remove_stale_tmp
 
 FORMAT = "spin_mcore.model/v1"
 META_FILE = "spin_mcore.json"
@@ -101,6 +102,8 @@ def save_model_checkpoint(model, pstate, directory: str | Path, model_cfg: Model
 
     core = unwrap_model(model)
     directory = Path(directory).absolute()
+    if _rank() == 0:  # a killed earlier save's DIR.tmp-*/DIR.old-*, cleared before this save's tmp name exists
+        remove_stale_tmp(directory.parent, directory.name)
     tmp = shared_tmp_dir(directory)
     if _rank() == 0:
         (tmp / WEIGHTS_DIR).mkdir(parents=True)

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from spin_mcore.config import ModelConfig
 from spin_mcore.models.checkpoint import dtype_name, publish_dir, shared_tmp_dir, unwrap_model
+from spin_mcore.utils.io import remove_stale_tmp
 
 HF_EMBED = "model.embed_tokens.weight"
 HF_NORM = "model.norm.weight"
@@ -433,6 +434,8 @@ def export_hf(model, pstate, out_dir: str | Path, model_cfg: ModelConfig, dtype:
             names.append(fname)
             weight_map.update({n: fname for n in tensor_names})
 
+    if pstate.rank == 0:  # a killed earlier export's DIR.tmp-*/DIR.old-*, cleared before this one's tmp name exists
+        remove_stale_tmp(out_dir.parent, out_dir.name)
     tmp = shared_tmp_dir(out_dir)
     if pstate.rank == 0:
         tmp.mkdir(parents=True)
