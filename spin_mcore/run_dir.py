@@ -19,8 +19,9 @@ import yaml
 
 from spin_mcore.utils.io import atomic_write_json, atomic_write_text
 
-# Fields that may change between re-runs of the same directory without invalidating its outputs.
-_RESUMABLE_FIELDS = {("run", "nproc"), ("run", "iterations"), ("train", "log_interval"), ("train", "save_interval")}
+# Fields that do not change results: a run may resume with other values.
+_RESUMABLE_FIELDS = {("run", "nproc"), ("run", "iterations"), ("train", "log_interval"), ("train", "save_interval"),
+                     ("platform", "dist_timeout_minutes")}
 
 
 class RunConfigMismatchError(RuntimeError):
@@ -56,13 +57,26 @@ class RunDir:
         return self.root / "config.yaml"
 
 
-def _diff(old: dict, new: dict, prefix: tuple = ()) -> list[str]:
+def _diff(old: dict, new: dict, prefix: tuple = (), defaults: Optional[dict] = None) -> list[str]:
+    """Changed fields between two config dicts, as ``"section.field: old -> new"`` lines.
+
+    A field (or section) the old config lacks was added to the product after the run began: it
+    counts as unchanged when the new value is its default, so new releases can resume old runs.
+    """
+    if defaults is None:
+        from spin_mcore.config import Config
+
+        defaults = Config().to_dict()
     out = []
     for key in sorted(set(old) | set(new)):
         path = prefix + (key,)
-        a, b = old.get(key), new.get(key)
+        a, b, d = old.get(key), new.get(key), (defaults or {}).get(key)
+        if key not in old and isinstance(b, dict):
+            a = {}
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, path)
+            out += _diff(a, b, path, d if isinstance(d, dict) else {})
+        elif key not in old and b == d:
+            continue
         elif a != b and path not in _RESUMABLE_FIELDS:
             out.append(f"{'.'.join(path)}: {a!r} -> {b!r}")
     return out

@@ -30,3 +30,18 @@ def test_results_table_and_plot(tmp_path):
     write_results(RunDir(tmp_path), rows)
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "results.jsonl").read_text().count("\n") == 2
+
+
+def test_run_made_before_a_new_field_existed_resumes_at_its_default(tmp_path):
+    """A config written by an older release lacks newer fields and sections: at their defaults they
+    are no change; set to anything else they are, and are named."""
+    run = RunDir(tmp_path / "run")
+    cfg = load_config(overrides=["model.preset=tiny"]).to_dict()
+    old = {k: dict(v) for k, v in cfg.items() if k != "platform"}
+    old["model"].pop("init_std")
+    run.root.mkdir(parents=True)
+    run.config_file.write_text(yaml.safe_dump(old))
+    claim_run_dir(run, cfg)
+    changed = load_config(overrides=["model.preset=tiny", "model.init_std=0.5", "platform.device=cpu"]).to_dict()
+    with pytest.raises(RunConfigMismatchError, match=r"model.init_std: 0.02 -> 0.5; platform.device: 'auto' -> 'cpu'"):
+        claim_run_dir(run, changed)
