@@ -34,7 +34,7 @@ def _f(default, help: str, **kw):
 class ModelConfig:
     """Architecture of the Llama/Mistral-family policy."""
 
-    preset: Optional[str] = _f(None, "Named preset (tiny, llama2-7b, mistral-7b, llama3-8b, llama3-70b); fields set here override it.")
+    preset: Optional[str] = _f(None, "Named preset (tiny, llama2-7b, mistral-7b, llama3-8b, llama3-70b, llama3.1-70b); fields set here override it.")
     hf_config: Optional[str] = _f(None, "Path to an HF config.json (or its directory) to take the architecture from.")
     family: str = _f("llama", "Checkpoint family for HF conversion: llama or mistral.")
     num_layers: int = _f(2, "Transformer layers.")
@@ -46,6 +46,19 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = _f(128, "Pad the embedding/output vocab to a multiple of this times TP.")
     seq_length: int = _f(256, "Maximum sequence length (prompt + response) the model is built for.")
     rope_theta: float = _f(10000.0, "RoPE base frequency.")
+    rope_scaling: Optional[str] = _f(None, "RoPE frequency scaling: None, or llama3 (Llama-3.1/3.3: frequencies whose "
+                                     "wavelength exceeds the original context are divided by rope_scaling_factor, "
+                                     "blended smoothly between the two rope_*_freq_factor bounds).")
+    rope_scaling_factor: float = _f(8.0, "llama3 RoPE scaling: divisor of the low frequencies (HF factor).")
+    rope_low_freq_factor: float = _f(1.0, "llama3 RoPE scaling: wavelengths above original context / this are "
+                                     "fully scaled (HF low_freq_factor).")
+    rope_high_freq_factor: float = _f(4.0, "llama3 RoPE scaling: wavelengths below original context / this are "
+                                      "unscaled (HF high_freq_factor).")
+    rope_original_max_position_embeddings: int = _f(8192, "llama3 RoPE scaling: the context length before the "
+                                                    "extension (HF original_max_position_embeddings).")
+    sliding_window: Optional[int] = _f(None, "Attention window of the checkpoint (Mistral's sliding_window); None for "
+                                       "full attention. The model always attends to the full context, which equals "
+                                       "the window only up to its length, so seq_length may not exceed it.")
     norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
     init_std: float = _f(0.02, "Std of the normal weight initialisation.")
 
@@ -314,6 +327,17 @@ def validate(cfg: Config) -> None:
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups={m.num_query_groups}")
     _choice("model.family", m.family, ("llama", "mistral"))
+    if m.rope_scaling is not None:
+        _choice("model.rope_scaling", m.rope_scaling, ("llama3",))
+        if not (m.rope_scaling_factor >= 1 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor
+                and m.rope_original_max_position_embeddings >= 1):
+            raise ConfigError(f"model.rope_scaling=llama3 needs rope_scaling_factor >= 1, 0 < rope_low_freq_factor < "
+                              f"rope_high_freq_factor, rope_original_max_position_embeddings >= 1 (got "
+                              f"{m.rope_scaling_factor}, {m.rope_low_freq_factor}, {m.rope_high_freq_factor}, "
+                              f"{m.rope_original_max_position_embeddings})")
+    if m.sliding_window is not None and m.seq_length > m.sliding_window:
+        raise ConfigError(f"model.seq_length={m.seq_length} exceeds model.sliding_window={m.sliding_window}: "
+                          "sliding-window attention is not implemented (full attention equals it within the window)")
     for name in ("tp", "pp", "cp"):
         if getattr(p, name) < 1:
             raise ConfigError(f"parallel.{name}={getattr(p, name)}: must be >= 1")

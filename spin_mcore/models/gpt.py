@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from spin_mcore.config import ConfigError, ModelConfig, PrecisionConfig
+from spin_mcore.models.rope import apply_rope_scaling
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -135,4 +136,6 @@ def build_gpt_model(model: ModelConfig, pstate, precision: PrecisionConfig, reco
         rotary_base=model.rope_theta,  # float: some checkpoints use a non-integer theta
         parallel_output=True,
     )
+    # Megatron's own rope_scaling hard-codes three of the four llama3 parameters: set the frequencies here.
+    apply_rope_scaling(gpt, model)
     return gpt.to(pstate.device)

@@ -22,7 +22,8 @@ its own layers. Megatron's fused QKV weight is laid out per query group as
 ``[q (heads_per_group * head_dim); k (head_dim); v (head_dim)]`` and a TP rank
 holds a contiguous run of groups. The vocab is padded with zero rows up to
 ``padded_vocab_size``; export drops them. Both formats use the same (half-split,
-"rotate_half") RoPE convention, so Q/K need no permutation.
+"rotate_half") RoPE convention, so Q/K need no permutation. ``config.json`` is
+mapped both ways by :mod:`spin_mcore.models.hf_config`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import torch
 import torch.distributed as dist
 
 from spin_mcore.config import ModelConfig
-from spin_mcore.models.checkpoint import dtype_name, publish_dir, shared_tmp_dir, unwrap_model
+from spin_mcore.models.checkpoint import publish_dir, shared_tmp_dir, unwrap_model
+from spin_mcore.models.hf_config import check_hf_config_matches, hf_config_dict
 from spin_mcore.utils.io import remove_stale_tmp
 
 HF_EMBED = "model.embed_tokens.weight"
@@ -150,11 +152,14 @@ def _fmt(names: list[str], limit: int = 6) -> str:
 
 
 def check_hf_checkpoint(hf_dir: str | Path, model_cfg: ModelConfig) -> SafetensorsDir:
-    """Open ``hf_dir`` and check its tensor names and shapes against ``model_cfg`` (headers only).
+    """Open ``hf_dir`` and check it against ``model_cfg``: its config.json, then tensor names and shapes (headers only).
 
-    Raises :class:`HFWeightsError` with one line naming the missing, unexpected or
-    mis-shaped tensors. Returns the open reader.
+    Raises ``ConfigError`` when the config computes something else than ``model_cfg``
+    (RoPE, norm epsilon, sliding window; see :func:`check_hf_config_matches`), and
+    :class:`HFWeightsError` naming the missing, unexpected or mis-shaped tensors.
+    Both are one line. Returns the open reader.
     """
+    check_hf_config_matches(hf_dir, model_cfg)
     reader = SafetensorsDir(hf_dir)
     expected = expected_hf_shapes(model_cfg)
     present = {n for n in reader.names() if not n.endswith(_IGNORED_SUFFIXES)}
@@ -336,46 +341,6 @@ def gather_hf_stage(model, pstate, model_cfg: ModelConfig, dtype: Optional[torch
     core = unwrap_model(model)
     entries = _stage_entries(core, dict(core.named_parameters()))
     return dict(_hf_tensors(core, entries, pstate, _Dims.of(model_cfg), dtype))
-
-
-def hf_config_dict(model_cfg: ModelConfig, dtype: torch.dtype, base: Optional[dict] = None) -> dict:
-    """An HF ``config.json`` for ``LlamaForCausalLM`` / ``MistralForCausalLM``.
-
-    ``base`` (e.g. the config of the checkpoint this model was imported from) keeps
-    its other keys (token ids, sliding_window, ...); architecture keys are overwritten.
-    """
-    m = model_cfg
-    arch = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral")}[m.family]
-    cfg = dict(base or {})
-    cfg.pop("rope_scaling", None)
-    cfg.update({
-        "architectures": [arch[0]],
-        "model_type": arch[1],
-        "hidden_size": m.hidden_size,
-        "intermediate_size": m.ffn_hidden_size,
-        "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.num_query_groups,
-        "head_dim": m.hidden_size // m.num_attention_heads,
-        "vocab_size": m.vocab_size,
-        "max_position_embeddings": m.seq_length,
-        "rms_norm_eps": m.norm_eps,
-        # transformers < 5 reads rope_theta, >= 5 reads rope_parameters (and accepts rope_theta).
-        "rope_theta": m.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": dtype_name(dtype),
-        "dtype": dtype_name(dtype),
-    })
-    cfg.setdefault("initializer_range", m.init_std)
-    cfg.setdefault("attention_dropout", 0.0)
-    cfg.setdefault("use_cache", True)
-    if m.family == "mistral":
-        cfg.setdefault("sliding_window", None)  # the Megatron model attends to the full context
-    return cfg
 
 
 def _plan_files(entries: list[_Entry], shapes: dict, itemsize: int, max_bytes: int) -> list[list[_Entry]]:
