@@ -116,6 +116,7 @@ class MegatronEngine:
         shape = (layers, slots, self.ng, max_len, self.hn)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # The model's own frequencies (llama3-scaled by build_gpt_model when configured), never recomputed here.
         freqs = gpt.rotary_pos_emb(max_len).reshape(max_len, -1).float()  # [max_len, hn]
         # Megatron casts cos/sin to the activation dtype before rotating; so do we.
         self.cos = freqs.cos().to(self.dtype)
