@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or inconsistent. The message names the field."""
 
 
+# Errors caused by the user's input (config, data, paths), whose message names the field, file or
+# line: the CLI prints them as one line, without a traceback, wherever a rank raised them.
+USER_ERRORS = (ValueError, FileNotFoundError)
+
+
 def _f(default, help: str, **kw):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
@@ -69,9 +74,19 @@ class ParallelConfig:
 
     tp: int = _f(1, "Tensor-parallel size.")
     pp: int = _f(1, "Pipeline-parallel size.")
-    cp: int = _f(1, "Context-parallel size (GPU only).")
+    cp: int = _f(1, "Context-parallel size; only 1 is supported yet (batches are not split across CP ranks).")
+    vp: Optional[int] = _f(None, "Virtual pipeline stages per pipeline rank (Megatron's interleaved 1F1B schedule); "
+                           "None or 1 = off. Needs pp > 1, model.num_layers divisible by pp * vp, and micro-batches "
+                           "per step a multiple of pp. Training and the reference pass only; inference builds one stage.")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tp > 1).")
     distributed_optimizer: bool = _f(True, "Shard optimizer state across DP ranks (Megatron distributed optimizer).")
+    overlap_grad_reduce: bool = _f(False, "Overlap the DP gradient all-reduce / reduce-scatter with the backward pass "
+                                   "(Megatron DDP buckets launched as they fill).")
+    overlap_param_gather: bool = _f(False, "Overlap the distributed optimizer's parameter all-gather with the next "
+                                    "forward pass (needs parallel.distributed_optimizer=true).")
+    ddp_bucket_size: Optional[int] = _f(None, "Parameters per DDP gradient bucket when overlapping the reduction "
+                                        "(smaller buckets start communicating earlier); None: Megatron's "
+                                        "max(40M, 1M * DP).")
 
 
 @dataclass
@@ -150,6 +165,13 @@ class TrainConfig:
     max_skipped_steps: int = _f(10, "Abort after this many steps skipped for non-finite loss/grad.")
     log_interval: int = _f(1, "Steps between console/TensorBoard log lines.")
     seed: int = _f(42, "Seed for data order, initialisation and dropout.")
+    pad_to_longest: bool = _f(True, "Pad each micro-batch to its longest row, rounded up to a multiple of 16 (and of "
+                              "parallel.tp under sequence parallelism) and capped at model.seq_length, instead of "
+                              "to model.seq_length. Under PP every micro-batch of a step gets the step's longest. "
+                              "Ignored with train.pack_sequences.")
+    fused_kernels: str = _f("auto", "Megatron's fused kernels (bias-activation, RoPE, masked softmax, bias-dropout-add, "
+                            "gradient-accumulation into main_grad, persistent layer norm): auto (on with CUDA and "
+                            "Transformer Engine, else off), on (refused without both), or off.")
     pack_sequences: bool = _f(False, "SPIN only: pack several pairs per micro-batch row [1, 2 * micro_batch_size * seq_length] with block-diagonal attention (PackedSeqParams) instead of padding each sequence.")
 
 
@@ -347,6 +369,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tp={p.tp}")
     if m.num_layers % p.pp:
         raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}")
+    if p.cp > 1:
+        raise ConfigError(f"parallel.cp={p.cp}: context parallelism is not supported yet (batches are not split "
+                          "across CP ranks and the loss normaliser is reduced over DP only); use parallel.cp=1")
+    if p.vp is not None and p.vp < 1:
+        raise ConfigError(f"parallel.vp={p.vp}: must be >= 1 (or none)")
+    if p.vp is not None and p.vp > 1:
+        if p.pp == 1:
+            raise ConfigError(f"parallel.vp={p.vp} needs parallel.pp > 1 (virtual stages interleave a pipeline)")
+        if m.num_layers % (p.pp * p.vp):
+            raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp * parallel.vp = "
+                              f"{p.pp} * {p.vp}")
+        if (cfg.train.global_batch_size // max(cfg.train.micro_batch_size, 1)) % p.pp:
+            raise ConfigError(f"parallel.vp={p.vp}: the interleaved schedule needs micro-batches per step "
+                              f"(train.global_batch_size / train.micro_batch_size / DP = {cfg.train.global_batch_size} / "
+                              f"{cfg.train.micro_batch_size} / DP) to be a multiple of parallel.pp={p.pp}")
+    if p.ddp_bucket_size is not None and p.ddp_bucket_size < 1:
+        raise ConfigError(f"parallel.ddp_bucket_size={p.ddp_bucket_size}: must be >= 1 (or none)")
+    if p.overlap_param_gather and not p.distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     _choice("precision.recipe", cfg.precision.recipe, ("auto", "fp32", "bf16", "fp8"))
@@ -370,6 +411,9 @@ def validate(cfg: Config) -> None:
     if t.pack_sequences and t.objective != "spin":
         raise ConfigError("train.pack_sequences=true needs train.objective=spin (SFT rows are not packed)")
     _choice("train.optimizer", t.optimizer, ("rmsprop", "adam"))
+    _choice("train.fused_kernels", t.fused_kernels, ("auto", "on", "off"))
+    if t.fused_kernels == "on" and getattr(getattr(cfg, "platform", None), "device", None) == "cpu":
+        raise ConfigError("train.fused_kernels=on needs CUDA and Transformer Engine; platform.device=cpu cannot use them")
     if not t.lr or any(lr < 0 for lr in t.lr):
         raise ConfigError(f"train.lr={t.lr}: need at least one non-negative value")
     if t.global_batch_size % t.micro_batch_size:

@@ -72,11 +72,17 @@ def prepare(cfg: Config, pstate) -> Prepared:
 
 
 def load_policy(cfg: Config, pstate, checkpoint: Optional[str]):
-    """Build this rank's model stage and load the mcore ``checkpoint`` for inference."""
+    """Build this rank's model stage and load the mcore ``checkpoint`` for inference.
+
+    One stage even with ``parallel.vp > 1``: virtual stages only pay off in training's
+    interleaved schedule, and a checkpoint loads at any layout.
+    """
     from spin_mcore.models.checkpoint import load_model_checkpoint
     from spin_mcore.models.gpt import build_gpt_model
 
-    model = build_gpt_model(cfg.model, pstate, cfg.precision)
+    # Skip the random init when a checkpoint overwrites every parameter next.
+    model = build_gpt_model(cfg.model, pstate, cfg.precision, fused_kernels=cfg.train.fused_kernels,
+                            perform_initialization=checkpoint is None)
     if checkpoint is not None:
         load_model_checkpoint(model, pstate, checkpoint)
     model.eval()
@@ -93,7 +99,7 @@ def import_initial_model(cfg: Config, pstate, run: RunDir) -> str:
 
     target = run.theta(0)
     if not (target / "spin_mcore.json").exists():
-        model = build_gpt_model(cfg.model, pstate, cfg.precision)
+        model = build_gpt_model(cfg.model, pstate, cfg.precision, perform_initialization=False)  # all overwritten
         load_hf_weights(model, pstate, cfg.run.init_checkpoint, cfg.model)
         save_model_checkpoint(model, pstate, target, cfg.model, extra={"source": str(cfg.run.init_checkpoint)})
         del model

@@ -38,12 +38,13 @@ def _quiet() -> None:
 
 
 def _init(model_cfg, tp: int, pp: int, dtype_name: str):
+    """This rank's stage, uninitialised: both directions overwrite every parameter (the loaders check)."""
     from spin_mcore.config import ParallelConfig
     from spin_mcore.models.gpt import build_gpt_model
     from spin_mcore.platform import init_distributed
 
     pstate = init_distributed(ParallelConfig(tp=tp, pp=pp, distributed_optimizer=False), seed=0)
-    return pstate, build_gpt_model(model_cfg, pstate, _precision_for(dtype_name))
+    return pstate, build_gpt_model(model_cfg, pstate, _precision_for(dtype_name), perform_initialization=False)
 
 
 def hf_to_mcore_rank(src: str, dst: str, model_cfg, tp: int, pp: int, extra: dict) -> str:

@@ -8,7 +8,9 @@ Layout of a checkpoint directory ``DIR``::
 Because the weights are stored as globally indexed shards, a checkpoint saved at
 one TP/PP size loads at any other (the padded vocab rows of the embedding and the
 output layer may differ between TP sizes; Megatron marks those two tensors
-``allow_shape_mismatch`` so the stored rows are truncated or zero-extended).
+``allow_shape_mismatch`` so the stored rows are truncated or zero-extended). The same
+holds for virtual pipeline stages: each chunk names its layers by their global
+number, so a checkpoint saved at PP2 x VP2 loads at PP1 and the other way round.
 
 Saves are atomic: every rank writes into ``DIR.tmp-<token>``; after a barrier rank
 0 renames it to ``DIR``. A killed save leaves only the ``.tmp-`` directory, which
@@ -46,6 +48,29 @@ def unwrap_model(model):
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+def bare_chunks(model) -> list:
+    """This rank's bare ``GPTModel`` chunks: one, or one per virtual stage for a ``ModelChunks``."""
+    from spin_mcore.models.chunks import model_chunks
+
+    return [unwrap_model(c) for c in model_chunks(model)]
+
+
+def chunked_state_dict(chunks: list, per_chunk) -> dict:
+    """``per_chunk(chunk)`` of a single chunk, or ``{"chunk<i>": ...}`` for several.
+
+    Storage keys are the sharded tensors' own (global) keys, not this nesting, so the two
+    shapes read each other's checkpoints.
+    """
+    if len(chunks) == 1:
+        return per_chunk(chunks[0])
+    return {f"chunk{i}": per_chunk(c) for i, c in enumerate(chunks)}
+
+
+def chunk_entries(chunks: list, state: dict) -> list:
+    """The inverse of :func:`chunked_state_dict`: one loaded state per chunk."""
+    return [state] if len(chunks) == 1 else [state[f"chunk{i}"] for i in range(len(chunks))]
 
 
 def _barrier() -> None:
@@ -89,7 +114,8 @@ def save_model_checkpoint(model, pstate, directory: str | Path, model_cfg: Model
                           extra: Optional[dict] = None) -> Path:
     """Save this model's weights as a TP/PP-reshardable checkpoint. Collective over all ranks.
 
-    ``model`` is this rank's stage (a ``GPTModel``, possibly wrapped in Megatron DDP).
+    ``model`` is this rank's stage (a ``GPTModel``, possibly wrapped in Megatron DDP, or a
+    ``ModelChunks`` of them).
     ``extra`` (JSON-serialisable, e.g. ``{"iteration": 3}``) is merged into the metadata;
     its keys must not clash with ``format``, ``model``, ``params_dtype``, ``saved_parallel``.
     Returns the final directory. Replaces an existing checkpoint at ``directory`` atomically.
@@ -100,7 +126,10 @@ def save_model_checkpoint(model, pstate, directory: str | Path, model_cfg: Model
         raise CheckpointError(f"save_model_checkpoint: extra keys {clash} are reserved ({', '.join(_RESERVED_KEYS)})")
     from megatron.core import dist_checkpointing
 
-    core = unwrap_model(model)
+    from spin_mcore.models.chunks import sync_params
+
+    sync_params(model)  # overlap_param_gather: the last step's all-gather may still be pending
+    chunks = bare_chunks(model)
     directory = Path(directory).absolute()
     if _rank() == 0:  # a killed earlier save's DIR.tmp-*/DIR.old-*, cleared before this save's tmp name exists
         remove_stale_tmp(directory.parent, directory.name)
@@ -108,14 +137,17 @@ def save_model_checkpoint(model, pstate, directory: str | Path, model_cfg: Model
     if _rank() == 0:
         (tmp / WEIGHTS_DIR).mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(core.sharded_state_dict(), str(tmp / WEIGHTS_DIR))
+    dist_checkpointing.save(chunked_state_dict(chunks, lambda c: c.sharded_state_dict()), str(tmp / WEIGHTS_DIR))
     if _rank() == 0:
-        params_dtype = next(core.parameters()).dtype
+        params_dtype = next(chunks[0].parameters()).dtype
+        saved_parallel = {"tp": pstate.tp, "pp": pstate.pp}
+        if len(chunks) > 1:
+            saved_parallel["vp"] = len(chunks)
         meta = {
             "format": FORMAT,
             "model": dataclasses.asdict(model_cfg),
             "params_dtype": dtype_name(params_dtype),
-            "saved_parallel": {"tp": pstate.tp, "pp": pstate.pp},
+            "saved_parallel": saved_parallel,
             **extra,
         }
         # Written last: its presence is what marks the weights as complete.
@@ -181,7 +213,7 @@ def _check_architecture(core, meta: dict, directory: Path) -> None:
 
 
 def load_model_checkpoint(model, pstate, directory: str | Path) -> dict:
-    """Load a checkpoint saved at any TP/PP into this rank's stage. Collective over all ranks.
+    """Load a checkpoint saved at any TP/PP(/VP) into this rank's stage (or its chunks). Collective over all ranks.
 
     Returns the checkpoint metadata (see :func:`read_checkpoint_meta`). Load before
     building a distributed optimizer, whose fp32 main weights are copied from the model.
@@ -190,14 +222,17 @@ def load_model_checkpoint(model, pstate, directory: str | Path) -> dict:
 
     directory = Path(directory)
     meta = read_checkpoint_meta(directory)
-    core = unwrap_model(model)
-    _check_architecture(core, meta, directory)
-    state = dist_checkpointing.load(core.sharded_state_dict(), str(directory / WEIGHTS_DIR))
-    # Every parameter must come from the checkpoint; Megatron's _extra_state entries may be absent.
-    missing, unexpected = core.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(f"{directory}: parameters missing {missing[:5]} / unexpected {unexpected[:5]}")
+    chunks = bare_chunks(model)
+    _check_architecture(chunks[0], meta, directory)
+    state = dist_checkpointing.load(chunked_state_dict(chunks, lambda c: c.sharded_state_dict()),
+                                    str(directory / WEIGHTS_DIR))
+    for core, chunk_state in zip(chunks, chunk_entries(chunks, state)):
+        # Every parameter must come from the checkpoint (models built for loading skip their
+        # random init); Megatron's _extra_state entries may be absent.
+        missing, unexpected = core.load_state_dict(chunk_state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(f"{directory}: parameters missing {missing[:5]} / unexpected {unexpected[:5]}")
     return meta
 
 

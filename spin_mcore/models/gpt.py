@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +38,33 @@ def params_dtype(precision: PrecisionConfig, gpu: bool) -> torch.dtype:
     return torch.float32
 
 
+def use_fused_kernels(setting: str, gpu: bool) -> bool:
+    """Resolve ``train.fused_kernels``: ``auto`` is on exactly with CUDA and Transformer Engine; ``on`` is
+    refused without both (Megatron's fused RoPE needs TE, and the CPU path has no fused kernels at all)."""
+    if setting not in ("auto", "on", "off"):
+        raise ConfigError(f"train.fused_kernels={setting!r}: must be one of auto, on, off")
+    available = gpu and have_transformer_engine()
+    if setting == "on" and not available:
+        missing = "a CUDA device" if not gpu else "Transformer Engine (pip install 'spin_mcore[gpu]')"
+        raise ConfigError(f"train.fused_kernels=on needs CUDA and Transformer Engine; this process has no {missing}")
+    return available if setting == "auto" else setting == "on"
+
+
 def build_transformer_config(model: ModelConfig, tp: int, pp: int, precision: PrecisionConfig,
-                             gpu: bool, recompute: bool = False, sequence_parallel: bool = False):
-    """Megatron ``TransformerConfig`` for the Llama/Mistral architecture."""
+                             gpu: bool, recompute: bool = False, sequence_parallel: bool = False, *,
+                             fused_kernels: str = "off", perform_initialization: bool = True,
+                             vp_size: Optional[int] = None):
+    """Megatron ``TransformerConfig`` for the Llama/Mistral architecture.
+
+    ``fused_kernels``: ``train.fused_kernels`` (see :func:`use_fused_kernels`).
+    ``perform_initialization=False`` leaves the weights uninitialised (``torch.empty``): only for a
+    model whose every parameter a checkpoint load overwrites next (the loaders check that).
+    ``vp_size``: virtual pipeline stages per pipeline rank (None = no interleaving).
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = params_dtype(precision, gpu)
+    fused = use_fused_kernels(fused_kernels, gpu)
     if precision.recipe == "fp8" and not gpu:
         raise ConfigError("precision.recipe=fp8 needs a CUDA GPU with Transformer Engine")
     kwargs = dict(
@@ -70,14 +92,24 @@ def build_transformer_config(model: ModelConfig, tp: int, pp: int, precision: Pr
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        perform_initialization=perform_initialization,
+        virtual_pipeline_model_parallel_size=vp_size,
+        # Fused kernels: CUDA + Transformer Engine only (use_fused_kernels). Gradient-accumulation
+        # fusion writes weight grads straight into Megatron DDP's main_grad, which every trained
+        # model has (setup_model wraps in DDP); forward-only models never run a backward.
+        bias_activation_fusion=fused,
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,
+        apply_rope_fusion=fused,
+        persist_layer_norm=fused,
+        gradient_accumulation_fusion=fused,
         deallocate_pipeline_outputs=False,
     )
+    if vp_size is not None:
+        # Megatron's defaults for the interleaved schedule: un-batched, overlapped p2p. Batched p2p
+        # would post a send to the next and one to the previous stage in one batch, and at PP=2 both
+        # go to the same peer, which can match them crosswise (Megatron-LM refuses PP=2 with it).
+        kwargs.update(overlap_p2p_comm=True, batch_p2p_comm=False)
     if recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if precision.recipe == "fp8":
@@ -114,23 +146,34 @@ def build_layer_spec(gpu: bool, precision: PrecisionConfig):
 
 
 def build_gpt_model(model: ModelConfig, pstate, precision: PrecisionConfig, recompute: bool = False,
-                    sequence_parallel: bool = False):
+                    sequence_parallel: bool = False, *, fused_kernels: str = "off",
+                    perform_initialization: bool = True, vp_stage: Optional[int] = None,
+                    vp_size: Optional[int] = None):
     """This rank's pipeline stage of the policy, on ``pstate.device``.
 
     Forward: ``model(input_ids [b, s] int64, position_ids [b, s], attention_mask=None)``
     returns vocab-parallel logits [b, s, padded_vocab / tp] on the last stage.
+    ``vp_stage`` of ``vp_size``: one virtual stage (chunk) of an interleaved pipeline; see
+    :func:`build_gpt_chunks`. Other arguments: :func:`build_transformer_config`.
     """
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     gpu = pstate.device.type == "cuda"
-    config = build_transformer_config(model, pstate.tp, pstate.pp, precision, gpu, recompute, sequence_parallel)
+    config = build_transformer_config(model, pstate.tp, pstate.pp, precision, gpu, recompute, sequence_parallel,
+                                      fused_kernels=fused_kernels, perform_initialization=perform_initialization,
+                                      vp_size=vp_size)
+    # With virtual stages, only chunk 0 of the first rank embeds and only the last chunk of the last rank
+    # has the output layer (Megatron's is_pipeline_first/last_stage(ignore_virtual=False)).
+    first_chunk = vp_stage is None or vp_stage == 0
+    last_chunk = vp_stage is None or vp_stage == (vp_size or 1) - 1
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=build_layer_spec(gpu, precision),
         vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, pstate.tp),
         max_sequence_length=model.seq_length,
-        pre_process=pstate.is_first_stage,
-        post_process=pstate.is_last_stage,
+        pre_process=pstate.is_first_stage and first_chunk,
+        post_process=pstate.is_last_stage and last_chunk,
+        vp_stage=vp_stage,
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
         rotary_base=model.rope_theta,  # float: some checkpoints use a non-integer theta
@@ -138,4 +181,48 @@ def build_gpt_model(model: ModelConfig, pstate, precision: PrecisionConfig, reco
     )
     # Megatron's own rope_scaling hard-codes three of the four llama3 parameters: set the frequencies here.
     apply_rope_scaling(gpt, model)
+    if not perform_initialization:
+        _mark_tensor_parallel_weights(gpt)
     return gpt.to(pstate.device)
+
+
+def _mark_tensor_parallel_weights(gpt) -> None:
+    """Give Megatron's local-spec weights the tensor-parallel attributes their init would have set.
+
+    Megatron-Core 0.16.1's ``ColumnParallelLinear`` / ``RowParallelLinear`` / ``VocabParallelEmbedding``
+    set ``tensor_model_parallel``, ``partition_dim`` and ``partition_stride`` only inside their weight
+    init, so ``perform_initialization=False`` leaves them unset, and the grad norm then counts every
+    TP-split weight as a TP duplicate (wrong clipping at TP > 1). Transformer Engine's layers set them
+    regardless. Stride 2 is the gated MLP's fc1 ([gate; up] per rank, as megatron.core.transformer.mlp).
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for name, module in gpt.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or hasattr(weight, "tensor_model_parallel"):
+            continue
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            stride = 2 if name.endswith("mlp.linear_fc1") and gpt.config.gated_linear_unit else 1
+            set_tensor_model_parallel_attributes(weight, True, 0, stride)
+        elif isinstance(module, RowParallelLinear):
+            set_tensor_model_parallel_attributes(weight, True, 1, 1)
+
+
+def build_gpt_chunks(model: ModelConfig, pstate, precision: PrecisionConfig, vp_size: Optional[int], **kwargs):
+    """This rank's stage for training: one ``GPTModel`` when ``vp_size`` is None or 1, else a
+    :class:`~spin_mcore.models.chunks.ModelChunks` of ``vp_size`` virtual stages (chunk i holds global
+    layers ``(i * pp + pp_rank) * L / (pp * vp)`` onwards, as Megatron's interleaved schedule expects).
+
+    ``kwargs``: those of :func:`build_gpt_model` (recompute, sequence_parallel, fused_kernels, ...).
+    """
+    if vp_size is None or vp_size == 1:
+        return build_gpt_model(model, pstate, precision, **kwargs)
+    from spin_mcore.models.chunks import ModelChunks
+
+    return ModelChunks([build_gpt_model(model, pstate, precision, vp_stage=i, vp_size=vp_size, **kwargs)
+                        for i in range(vp_size)])

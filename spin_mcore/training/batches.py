@@ -6,12 +6,16 @@ same pair order. One forward pass then scores both, and the policy and reference
 log-probs come out of exactly the same shapes. An SFT micro-batch is ``mb`` rows of
 (prompt, y).
 
-Every row is padded on the right to the same length ``S`` (``model.seq_length``):
-the pipeline schedule's send/recv buffers need a fixed shape, and a fixed shape
-makes the per-row arithmetic independent of which other rows share the batch, so
-the reference pass and training agree to rounding.
+Every row of a micro-batch is padded on the right to the same length ``S``. With
+``train.pad_to_longest`` (the default) ``S`` is the micro-batch's longest row rounded
+up to :func:`pad_multiple` and capped at ``model.seq_length``; otherwise ``S`` is
+``model.seq_length``. Causal attention never looks right, so the padding changes
+no logit of a real position (only, possibly, the rounding of the kernels that
+see a different shape). Under pipeline parallelism the schedule's send/recv
+buffers need one shape per step, so ``spin_mcore.training.step`` pads the step's
+micro-batches to their common longest (:func:`pad_to_length`).
 
-Row layout for a sequence ``full = prompt + response`` (truncated to S + 1 tokens)::
+Row layout for a sequence ``full = prompt + response`` (truncated to ``model.seq_length`` + 1 tokens)::
 
     tokens    = full[:-1]   padded with pad_id            [S]
     labels    = full[1:]    padded with pad_id            [S]   (already shifted)
@@ -20,6 +24,7 @@ Row layout for a sequence ``full = prompt + response`` (truncated to S + 1 token
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -98,10 +103,56 @@ def encode_row(prompt: list, response: list, seq_len: int, pad_id: int = 0):
     return tokens, labels, mask, truncated
 
 
-def collate(examples: Sequence[Example], seq_len: int, objective: str, pad_id: int = 0) -> dict:
+# Rows are padded to a multiple of this: tensor-core GEMMs want multiples of 8 (bf16) and
+# Transformer Engine's fp8 GEMMs multiples of 16; one number keeps CPU and GPU shapes alike.
+PAD_MULTIPLE = 16
+
+
+def pad_multiple(cfg) -> Optional[int]:
+    """The row-length multiple for ``cfg`` (None: pad every row to ``model.seq_length``).
+
+    ``PAD_MULTIPLE``, and under sequence parallelism also a multiple of ``parallel.tp``
+    (Megatron splits the sequence dimension across the TP ranks).
+    """
+    if not cfg.train.pad_to_longest:
+        return None
+    multiple = PAD_MULTIPLE
+    if cfg.parallel.sequence_parallel:
+        multiple = math.lcm(multiple, cfg.parallel.tp)
+    return multiple
+
+
+def padded_length(longest: int, seq_len: int, multiple: Optional[int]) -> int:
+    """``longest`` rounded up to ``multiple`` and capped at ``seq_len``; ``seq_len`` when ``multiple`` is None."""
+    if multiple is None:
+        return seq_len
+    return min(seq_len, max(1, -(-longest // multiple)) * multiple)
+
+
+def pad_to_length(batch: dict, length: int, pad_id: int = 0) -> dict:
+    """``batch`` (from :func:`collate`) with its [R, S] tensors right-padded to [R, length] (``length >= S``)."""
+    rows, s = batch["tokens"].shape
+    if length == s:
+        return batch
+    if length < s:
+        raise ValueError(f"pad_to_length: batch rows are {s} long, cannot pad to {length}")
+    extra = length - s
+    out = dict(batch)
+    out["tokens"] = torch.nn.functional.pad(batch["tokens"], (0, extra), value=pad_id)
+    out["labels"] = torch.nn.functional.pad(batch["labels"], (0, extra), value=pad_id)
+    out["loss_mask"] = torch.nn.functional.pad(batch["loss_mask"], (0, extra), value=0.0)
+    out["position_ids"] = torch.arange(length, dtype=torch.long).expand(rows, length).contiguous()
+    return out
+
+
+def collate(examples: Sequence[Example], seq_len: int, objective: str, pad_id: int = 0,
+            multiple: Optional[int] = None) -> dict:
     """Stack ``mb`` examples into one micro-batch dict (see module docstring).
 
-    Returns, with R = 2 * mb rows for spin (real rows first) and mb rows for sft:
+    ``multiple`` (from :func:`pad_multiple`): pad to the longest row rounded up to it (at most
+    ``seq_len``); None pads to ``seq_len``. Rows longer than ``seq_len + 1`` tokens are truncated.
+
+    Returns, with R = 2 * mb rows for spin (real rows first) and mb rows for sft, and S the padded length:
         tokens [R, S] int64, labels [R, S] int64, loss_mask [R, S] fp32, position_ids [R, S] int64,
         token_counts [R] int64 (scored tokens), num_tokens: int (non-pad positions), ref_real / ref_gen [mb] fp32 (spin, NaN when absent),
         valid [mb] bool (every response has at least one scored token), truncated: int.
@@ -110,19 +161,22 @@ def collate(examples: Sequence[Example], seq_len: int, objective: str, pad_id: i
     if objective == "spin":
         rows += [(ex.prompt_ids, ex.generated_ids) for ex in examples]
     enc = [encode_row(p, r, seq_len, pad_id) for p, r in rows]
-    tokens = torch.stack([e[0] for e in enc])
-    labels = torch.stack([e[1] for e in enc])
-    mask = torch.stack([e[2] for e in enc])
+    lengths = [min(len(p) + len(r), seq_len + 1) - 1 for p, r in rows]  # non-pad positions per row
+    width = padded_length(max(lengths), seq_len, multiple)
+    # Everything past the longest row is padding: cutting it there drops only pad positions.
+    tokens = torch.stack([e[0] for e in enc])[:, :width]
+    labels = torch.stack([e[1] for e in enc])[:, :width]
+    mask = torch.stack([e[2] for e in enc])[:, :width]
     counts = mask.sum(dim=1).to(torch.long)  # [R]
     mb = len(examples)
     batch = {
         "tokens": tokens,
         "labels": labels,
         "loss_mask": mask,
-        "position_ids": torch.arange(seq_len, dtype=torch.long).expand(len(rows), seq_len).contiguous(),
+        "position_ids": torch.arange(width, dtype=torch.long).expand(len(rows), width).contiguous(),
         "token_counts": counts,
         # non-pad positions of all rows: the throughput numerator (prompt + response tokens)
-        "num_tokens": sum(min(len(p) + len(r), seq_len + 1) - 1 for p, r in rows),
+        "num_tokens": sum(lengths),
         "truncated": sum(int(e[3]) for e in enc),
     }
     if objective == "spin":

@@ -36,6 +36,7 @@ import contextlib
 from typing import List, Optional
 
 import torch
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import (
     DistributedOptimizer,
     Float16OptimizerWithFloat16Params,
@@ -180,8 +181,51 @@ def _torch_optimizer(train_cfg, param_groups: List[dict], lr: float) -> torch.op
     raise ValueError(f"train.optimizer={name!r}: must be one of {', '.join(OPTIMIZERS)}")
 
 
-def build_optimizer_config(train_cfg, lr: float, use_distributed_optimizer: bool, params_dtype: torch.dtype) -> OptimizerConfig:
-    """Megatron ``OptimizerConfig`` carrying what the wrappers read (precision, clipping, sharding)."""
+def build_ddp_config(parallel_cfg) -> DistributedDataParallelConfig:
+    """Megatron DDP config for ``Config.parallel``: grads reduced in fp32, reduce-scatter for the
+    distributed optimizer, and the two overlaps (wired by :func:`set_grad_sync_funcs`).
+
+    ``align_param_gather`` stays off: each chunk's forward pre-hook then starts its own parameter
+    all-gather (Megatron's default), so the schedules need no ``param_sync_func``.
+    """
+    return DistributedDataParallelConfig(
+        use_distributed_optimizer=parallel_cfg.distributed_optimizer,
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=parallel_cfg.overlap_grad_reduce,
+        overlap_param_gather=parallel_cfg.overlap_param_gather,
+        align_param_gather=False,
+        bucket_size=parallel_cfg.ddp_bucket_size,
+    )
+
+
+def set_grad_sync_funcs(ddp_chunks: list, ddp_cfg: DistributedDataParallelConfig) -> None:
+    """Hand the DDP chunks' sync hooks to the schedules through the model configs, as Megatron's training loop does.
+
+    * ``no_sync_func``: every chunk's ``no_sync`` (gradient reduction waits for the last micro-batch);
+    * ``grad_sync_func`` (with ``overlap_grad_reduce``): each chunk's ``start_grad_sync``, which the
+      interleaved schedule calls as soon as that chunk's last backward is done (Megatron's default
+      ``align_grad_reduce``); ``finalize_model_grads`` then only waits for the reductions.
+
+    One chunk gets the bare functions, several get lists (the schedules accept both).
+    """
+    def one_or_list(funcs):
+        return funcs[0] if len(funcs) == 1 else funcs
+
+    no_sync = one_or_list([c.no_sync for c in ddp_chunks])
+    grad_sync = one_or_list([c.start_grad_sync for c in ddp_chunks]) if ddp_cfg.overlap_grad_reduce else None
+    for chunk in ddp_chunks:  # chunk 0's config is the one the schedules read; keep all alike
+        chunk.config.no_sync_func = no_sync
+        chunk.config.grad_sync_func = grad_sync
+        chunk.config.param_sync_func = None
+
+
+def build_optimizer_config(train_cfg, lr: float, use_distributed_optimizer: bool, params_dtype: torch.dtype,
+                           overlap_param_gather: bool = False) -> OptimizerConfig:
+    """Megatron ``OptimizerConfig`` carrying what the wrappers read (precision, clipping, sharding).
+
+    ``overlap_param_gather`` mirrors the DDP config's (Megatron reads the DDP one; 0.16.1's optimizer
+    uses its own copy only for MXFP8 parameter buffers).
+    """
     return OptimizerConfig(
         optimizer="adam",  # only read by Megatron's own factory and precision-aware paths, not used here
         lr=lr,
@@ -195,6 +239,7 @@ def build_optimizer_config(train_cfg, lr: float, use_distributed_optimizer: bool
         params_dtype=params_dtype,
         clip_grad=float(train_cfg.clip_grad),
         use_distributed_optimizer=use_distributed_optimizer,
+        overlap_param_gather=overlap_param_gather,
     )
 
 
@@ -205,8 +250,8 @@ def build_optimizer(train_cfg, model_chunks: list, lr: float, use_distributed_op
     Args:
         train_cfg: ``Config.train`` (optimizer, rmsprop_alpha, adam_beta1/2, eps,
             weight_decay, clip_grad).
-        model_chunks: Megatron-DDP-wrapped model chunks of this rank. Their
-            ``ddp_config.use_distributed_optimizer`` must equal ``use_distributed_optimizer``.
+        model_chunks: Megatron-DDP-wrapped model chunks of this rank (a ``ModelChunks`` counts as
+            its chunks). Their ``ddp_config.use_distributed_optimizer`` must equal ``use_distributed_optimizer``.
         lr: initial (peak) LR written into every group; the LR schedule overwrites it each step.
         use_distributed_optimizer: shard main params + state over DP (``DistributedOptimizer``).
         params_dtype: the model's param dtype; bf16/fp16 get fp32 main params.
@@ -216,15 +261,20 @@ def build_optimizer(train_cfg, model_chunks: list, lr: float, use_distributed_op
     (either precision). ``step()`` returns ``(success, grad_norm, num_zeros)`` and applies
     ``train_cfg.clip_grad`` (0 disables). Its state exists from construction on.
     """
+    from spin_mcore.models.chunks import model_chunks as chunks_of
+
     if train_cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"train.optimizer={train_cfg.optimizer!r}: must be one of {', '.join(OPTIMIZERS)}")
+    # A virtual-pipeline rank passes its ModelChunks: the optimizer wants the DDP chunks themselves.
+    model_chunks = [c for m in model_chunks for c in chunks_of(m)]
     ddp_flag = model_chunks[0].ddp_config.use_distributed_optimizer
     if ddp_flag != use_distributed_optimizer:
         raise ValueError(f"build_optimizer: use_distributed_optimizer={use_distributed_optimizer} but the DDP "
                          f"wrapper was built with use_distributed_optimizer={ddp_flag}; they must agree")
     if params_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"build_optimizer: params_dtype={params_dtype} unsupported (fp32 or bf16; fp16 would need a loss scaler)")
-    config = build_optimizer_config(train_cfg, lr, use_distributed_optimizer, params_dtype)
+    config = build_optimizer_config(train_cfg, lr, use_distributed_optimizer, params_dtype,
+                                    overlap_param_gather=model_chunks[0].ddp_config.overlap_param_gather)
 
     groups = ProcessGroupCollection.setup_process_groups_for_optimizer(None, model_chunks, True)
     # Same grouping (and the same cross-rank alignment of groups) as get_megatron_optimizer.

@@ -3,7 +3,7 @@
 SPIN's reference model is the opponent theta_t that generated y'. Scoring every
 pair once, right after generation, means training keeps one model resident. The
 pass uses exactly the training code path (``spin_mcore.training.step``: same
-collate, same fixed padding, same micro-batch size, same Megatron schedule and
+collate and padding rule, same micro-batch size, same Megatron schedule and
 log-prob function), so at step 0 the policy reproduces these numbers to rounding.
 
 Output: a ShardedStage directory (resumable by shard) whose records are the input
@@ -22,7 +22,7 @@ from typing import Sequence
 import torch.distributed as dist
 
 from spin_mcore.platform import preemption
-from spin_mcore.training.batches import REF_GEN, REF_REAL, collate, example_from_record
+from spin_mcore.training.batches import REF_GEN, REF_REAL, collate, example_from_record, pad_multiple
 from spin_mcore.training.step import LossSpec, score_microbatches
 from spin_mcore.utils.io import read_json
 from spin_mcore.utils.shards import ShardedStage, fingerprint, read_stage
@@ -44,15 +44,24 @@ def _fingerprint(cfg, in_dirs: Sequence, model_id: str) -> str:
                         "micro_batch": cfg.train.micro_batch_size, "precision": cfg.precision.recipe})
 
 
-def _score_records(cfg, model, pstate, records: list[dict], spec: LossSpec) -> dict[int, tuple[float, float]]:
-    """{index in records: (ref_real, ref_gen)}, gathered onto every rank. Collective."""
+def _score_records(cfg, model, pstate, records: list[dict], spec: LossSpec,
+                   lengths: list[int]) -> dict[int, tuple[float, float]]:
+    """{index in records: (ref_real, ref_gen)}, gathered onto every rank. Collective.
+
+    Appends this rank's padded row length of every micro-batch to ``lengths``.
+    """
+    from spin_mcore.models.chunks import model_chunks
+
     mb, seq_len = cfg.train.micro_batch_size, cfg.model.seq_length
     mine = list(range(pstate.dp_rank, len(records), pstate.dp))
     # Every DP rank runs the same number of micro-batches; the padding repeats an item and is discarded.
     n_mb = max(1, math.ceil(math.ceil(len(records) / pstate.dp) / mb))
+    if len(model_chunks(model)) > 1:  # the interleaved schedule runs micro-batches in groups of pp
+        n_mb = math.ceil(n_mb / pstate.pp) * pstate.pp
     padded = (mine + [mine[-1] if mine else 0] * (n_mb * mb))[: n_mb * mb]
     examples = [example_from_record(records[i], f"record {i}", need_generated=True, need_refs=False) for i in padded]
-    micro = [collate(examples[k * mb:(k + 1) * mb], seq_len, "spin") for k in range(n_mb)]
+    micro = [collate(examples[k * mb:(k + 1) * mb], seq_len, "spin", multiple=pad_multiple(cfg)) for k in range(n_mb)]
+    lengths += [b["tokens"].shape[1] for b in micro]
     seq = score_microbatches(model, micro, spec, seq_len, mb)  # last stage: n_mb tensors [2 mb]
     found: dict[int, tuple[float, float]] = {}
     if pstate.is_last_stage and pstate.tp_rank == 0:
@@ -98,12 +107,13 @@ def compute_reference_logprobs(cfg, model, pstate, in_dirs: Sequence, out_dir, f
     shard = cfg.generation.shard_size
     model.eval()
     scored = 0
+    lengths: list[int] = []  # padded row length of each micro-batch this rank ran
     n_shards = (len(records) + shard - 1) // shard
     todo = [i for i in range(n_shards) if not stage.has_shard(i)]
     for index in todo:
         lo = index * shard
         chunk = records[lo:lo + shard]
-        found = _score_records(cfg, model, pstate, chunk, spec)
+        found = _score_records(cfg, model, pstate, chunk, spec, lengths)
         if pstate.rank == 0:
             out = []
             for i, rec in enumerate(chunk):
@@ -115,7 +125,10 @@ def compute_reference_logprobs(cfg, model, pstate, in_dirs: Sequence, out_dir, f
         if index != todo[-1] and preemption.stop_requested():
             raise preemption.preempted(f"reference shard {index + 1}/{n_shards}")
     summary = {"pairs": len(records), "scored_now": scored, "seconds": round(time.perf_counter() - start, 3),
-               "micro_batch_size": cfg.train.micro_batch_size, "seq_length": cfg.model.seq_length}
+               "micro_batch_size": cfg.train.micro_batch_size, "seq_length": cfg.model.seq_length,
+               # rows are padded per micro-batch (train.pad_to_longest); rank 0's lengths
+               "padded_length_mean": round(sum(lengths) / len(lengths), 2) if lengths else None,
+               "padded_length_max": max(lengths, default=None)}
     if pstate.rank == 0:
         stage.finalize(summary)
     if dist.is_initialized():

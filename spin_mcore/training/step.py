@@ -141,17 +141,38 @@ def rows_per_microbatch(objective: str, micro_batch: int) -> int:
 
 def run_schedule(model, microbatches: list[dict], spec: LossSpec, normalizer: torch.Tensor, seq_len: int,
                  micro_batch: int, forward_only: bool, rows: Optional[int] = None) -> list[dict]:
-    """Run Megatron's forward(-backward) schedule (1F1B when PP > 1); the per-micro-batch loss dicts
-    on the last pipeline stage, [] elsewhere. ``rows`` overrides the rows per micro-batch (1 when packed)."""
+    """Run Megatron's forward(-backward) schedule; the per-micro-batch loss dicts on the last pipeline
+    stage, [] elsewhere. ``rows`` overrides the rows per micro-batch (1 when packed).
+
+    ``model`` is one stage (no pipelining, or 1F1B when PP > 1) or a ``ModelChunks`` of virtual
+    stages (interleaved 1F1B; each chunk reads the micro-batches through its own iterator, in order).
+    Rows may be shorter than ``seq_len`` (``train.pad_to_longest``); under PP the step's micro-batches
+    are first padded to their common longest, the one shape the send/recv buffers are built for.
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    fb = get_forward_backward_func()
+    from spin_mcore.models.chunks import model_chunks
+    from spin_mcore.training.batches import pad_to_length
+
+    chunks = model_chunks(model)
+    pp = chunks[0].config.pipeline_model_parallel_size
+    vp = len(chunks) if len(chunks) > 1 else None
+    length = max(b["tokens"].shape[1] for b in microbatches)
+    if length > seq_len:
+        raise ValueError(f"run_schedule: micro-batch rows are {length} long, more than seq_len={seq_len}")
+    if pp > 1:
+        microbatches = [pad_to_length(b, length) for b in microbatches]
+    if vp is not None and len(microbatches) % pp:
+        raise ValueError(f"parallel.vp={vp}: the interleaved schedule needs the micro-batches per step "
+                         f"(train.global_batch_size / (train.micro_batch_size * DP) = {len(microbatches)}) "
+                         f"to be a multiple of parallel.pp={pp}")
+    fb = get_forward_backward_func(pp_size=pp, vp_size=vp)
     return fb(
         forward_step_func=partial(forward_step, spec, normalizer),
-        data_iterator=iter(microbatches),
-        model=[model],
+        data_iterator=[iter(microbatches) for _ in chunks] if vp else iter(microbatches),
+        model=chunks,
         num_microbatches=len(microbatches),
-        seq_length=seq_len,
+        seq_length=length,
         micro_batch_size=rows if rows is not None else rows_per_microbatch(spec.objective, micro_batch),
         forward_only=forward_only,
     )

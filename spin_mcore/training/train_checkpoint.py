@@ -81,8 +81,10 @@ def _set_rng_state(state: dict) -> None:
 def _sharded_state(model, optimizer, pstate, is_loading: bool, with_rng: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    bare = getattr(model, "module", model)
-    model_sd = bare.sharded_state_dict()
+    from spin_mcore.models.checkpoint import bare_chunks, chunked_state_dict
+
+    # One chunk: the GPTModel's state as is; virtual stages: {"chunk<i>": ...} (same stored keys).
+    model_sd = chunked_state_dict(bare_chunks(model), lambda c: c.sharded_state_dict())
     state = {"model": model_sd,
              "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)}
     if with_rng:
@@ -106,6 +108,8 @@ def save_train_checkpoint(root: str | Path, step: int, model, optimizer, schedul
     """
     from megatron.core import dist_checkpointing
 
+    from spin_mcore.models.chunks import sync_params
+
     root = Path(root)
     final = step_dir(root, step)
     tmp = root / f"{final.name}.tmp"
@@ -117,6 +121,7 @@ def save_train_checkpoint(root: str | Path, step: int, model, optimizer, schedul
             shutil.rmtree(final)
         tmp.mkdir()
     _barrier()
+    sync_params(model)  # overlap_param_gather: the last step's all-gather may still be pending
     state = _sharded_state(model, optimizer, pstate, is_loading=False, with_rng=True)
     state["scheduler"] = scheduler.state_dict()
     state["loop"] = dict(loop_state, step=step, world_size=pstate.world_size)
@@ -136,6 +141,8 @@ def load_train_checkpoint(directory: str | Path, model, optimizer, scheduler, ps
     """Collective: restore model, optimizer, scheduler (and RNG when the world size matches); returns loop_state."""
     from megatron.core import dist_checkpointing
 
+    from spin_mcore.models.checkpoint import bare_chunks, chunk_entries
+
     directory = Path(directory)
     done = read_json(directory / "done.json")
     if done is None:
@@ -143,8 +150,9 @@ def load_train_checkpoint(directory: str | Path, model, optimizer, scheduler, ps
     same_world = done.get("world_size") == pstate.world_size
     state = _sharded_state(model, optimizer, pstate, is_loading=True, with_rng=same_world)
     loaded = dist_checkpointing.load(state, str(directory))
-    bare = getattr(model, "module", model)
-    bare.load_state_dict(loaded["model"])
+    chunks = bare_chunks(model)
+    for bare, chunk_state in zip(chunks, chunk_entries(chunks, loaded["model"])):
+        bare.load_state_dict(chunk_state)
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_world:

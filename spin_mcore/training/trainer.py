@@ -29,7 +29,7 @@ import torch
 
 from spin_mcore.config import ConfigError, per_iteration
 from spin_mcore.platform import preemption
-from spin_mcore.training.batches import collate, load_examples, make_plan
+from spin_mcore.training.batches import collate, load_examples, make_plan, pad_multiple
 from spin_mcore.training.metrics import MetricsLogger
 from spin_mcore.training.reference import loss_spec
 from spin_mcore.training.step import STAT_NAMES, rows_per_microbatch, train_step
@@ -45,14 +45,20 @@ def setup_model(cfg, pstate, init_checkpoint: Optional[str] = None, wrap_ddp: bo
 
     Sets ``calculate_per_token_loss`` and ``finalize_model_grads_func`` on the model config
     (see :mod:`spin_mcore.training.step` for why) before wrapping in DDP. Returns the DDP
-    model (or the bare ``GPTModel`` when ``wrap_ddp`` is False).
+    model (or the bare ``GPTModel`` when ``wrap_ddp`` is False); with ``parallel.vp > 1`` a
+    :class:`~spin_mcore.models.chunks.ModelChunks` of them, one per virtual stage.
     """
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 
-    from spin_mcore.models.gpt import build_gpt_model
+    from spin_mcore.models.chunks import model_chunks, wrap_chunks
+    from spin_mcore.models.gpt import build_gpt_chunks
+    from spin_mcore.training.optimizer import build_ddp_config, set_grad_sync_funcs
 
-    model = build_gpt_model(cfg.model, pstate, cfg.precision, recompute=cfg.train.recompute,
-                            sequence_parallel=cfg.parallel.sequence_parallel)
+    # A checkpoint overwrites every parameter (both loaders check), so Megatron's random init
+    # would be wasted work; without one the seeded init is the model.
+    model = build_gpt_chunks(cfg.model, pstate, cfg.precision, cfg.parallel.vp, recompute=cfg.train.recompute,
+                             sequence_parallel=cfg.parallel.sequence_parallel, fused_kernels=cfg.train.fused_kernels,
+                             perform_initialization=not init_checkpoint)
     if init_checkpoint:
         from spin_mcore.models.checkpoint import is_model_checkpoint, load_model_checkpoint
 
@@ -61,18 +67,23 @@ def setup_model(cfg, pstate, init_checkpoint: Optional[str] = None, wrap_ddp: bo
         if cfg.run.init_from_hf and not is_model_checkpoint(init_checkpoint):
             from spin_mcore.models.hf_convert import load_hf_weights
 
-            load_hf_weights(model, pstate, init_checkpoint, cfg.model)
+            for chunk in model_chunks(model):  # each chunk knows its global layer numbers
+                load_hf_weights(chunk, pstate, init_checkpoint, cfg.model)
         else:
             load_model_checkpoint(model, pstate, init_checkpoint)
-    model.config.calculate_per_token_loss = True
-    model.config.finalize_model_grads_func = finalize_model_grads
+    chunks = model_chunks(model)
+    for chunk in chunks:
+        chunk.config.calculate_per_token_loss = True
+        chunk.config.finalize_model_grads_func = finalize_model_grads
     if not wrap_ddp:
         return model
-    ddp_cfg = DistributedDataParallelConfig(use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-                                            grad_reduce_in_fp32=True, overlap_grad_reduce=False)
-    ddp = DistributedDataParallel(model.config, ddp_cfg, model)
-    model.config.no_sync_func = ddp.no_sync
-    return ddp
+    ddp_cfg = build_ddp_config(cfg.parallel)
+    # As Megatron's get_model: buckets only for the first chunk; the later chunks' reductions
+    # overlap with the interleaved schedule's compute anyway.
+    wrapped = [DistributedDataParallel(chunk.config, ddp_cfg, chunk, disable_bucketing=i > 0)
+               for i, chunk in enumerate(chunks)]
+    set_grad_sync_funcs(wrapped, ddp_cfg)
+    return wrap_chunks(wrapped)
 
 
 def _step_metrics(stats: torch.Tensor, objective: str, grad_norm: float, lr: float, seconds: float,
@@ -166,7 +177,7 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
                 mine = torch.cat(plan.rank_microbatches(step, pstate.dp_rank)).tolist()
                 micro, _ = pack_microbatches([examples[i] for i in mine], seq_len, t_cfg.micro_batch_size)
             else:
-                micro = [collate([examples[i] for i in idx.tolist()], seq_len, objective)
+                micro = [collate([examples[i] for i in idx.tolist()], seq_len, objective, multiple=pad_multiple(cfg))
                          for idx in plan.rank_microbatches(step, pstate.dp_rank)]
             positions += sum(b["tokens"].numel() for b in micro)
             lr = float(scheduler.get_lr())

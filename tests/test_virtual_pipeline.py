@@ -1,0 +1,138 @@
+"""Virtual pipeline stages (parallel.vp): Megatron's interleaved 1F1B schedule on gloo.
+
+Independent reference: the same run in one process (PP=1). A 4-layer tiny model at
+PP=2 x VP=2 puts layers {0}, {2} on rank 0 and {1}, {3} on rank 1; the reference
+pass, three optimizer steps (4 micro-batches each) and the final weights must agree
+with the single-process run, and the checkpoint must reshard PP2 x VP2 -> PP1.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import checkpoint_weights, random_pair_records, write_pair_stage
+
+SEQ = 24
+STEPS = 3
+BASE = ["model.preset=tiny", "model.num_layers=4", f"model.seq_length={SEQ}", "train.lr=[0.001]",
+        "train.warmup_fraction=0.0", "train.optimizer=rmsprop", "train.clip_grad=1.0", "train.eps=0.01",
+        "spin.beta=[0.5]", "generation.shard_size=8", "train.micro_batch_size=1", "train.global_batch_size=4",
+        f"train.max_steps={STEPS}"]
+VP = ["parallel.pp=2", "parallel.vp=2"]
+
+
+def _cfg(overrides):
+    from spin_mcore.config import load_config
+
+    return load_config(overrides=BASE + list(overrides))
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _refs(stage: Path) -> torch.Tensor:
+    from spin_mcore.utils.shards import read_stage
+
+    return torch.tensor([[r["ref_logp_real"], r["ref_logp_generated"]] for r in read_stage(stage)], dtype=torch.float64)
+
+
+def _single_worker(tmp: str) -> dict:
+    """PP=1: the init checkpoint, the reference pass and the reference training run."""
+    warnings.filterwarnings("ignore")
+    from spin_mcore.models.checkpoint import save_model_checkpoint
+    from spin_mcore.platform import init_distributed
+    from spin_mcore.training.reference import compute_reference_logprobs
+    from spin_mcore.training.trainer import setup_model, train
+
+    tmp = Path(tmp)
+    cfg = _cfg([])
+    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    write_pair_stage(tmp / "gen", random_pair_records(12))
+    model = setup_model(cfg, pstate, None, wrap_ddp=False)
+    save_model_checkpoint(model, pstate, tmp / "init", cfg.model)
+    compute_reference_logprobs(cfg, model, pstate, [tmp / "gen"], tmp / "ref")
+    return train(cfg, pstate, [tmp / "ref"], str(tmp / "init"), tmp / "run_pp1")
+
+
+def _vp_worker(tmp: str) -> dict:
+    """PP=2 x VP=2 on 2 ranks: reference pass and the same training run, both from the PP=1 init checkpoint."""
+    warnings.filterwarnings("ignore")
+    from spin_mcore.models.chunks import ModelChunks
+    from spin_mcore.platform import init_distributed
+    from spin_mcore.training.reference import compute_reference_logprobs
+    from spin_mcore.training.trainer import setup_model, train
+
+    tmp = Path(tmp)
+    cfg = _cfg(VP)
+    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    model = setup_model(cfg, pstate, str(tmp / "init"), wrap_ddp=False)
+    assert isinstance(model, ModelChunks)
+    layers = [[layer.layer_number for layer in chunk.decoder.layers] for chunk in model.chunks]
+    compute_reference_logprobs(cfg, model, pstate, [tmp / "gen"], tmp / "ref_vp")
+    del model
+    summary = train(cfg, pstate, [tmp / "ref"], str(tmp / "init"), tmp / "run_vp")
+    return {"layers": layers, "summary": summary}
+
+
+def _reshard_worker(tmp: str) -> float:
+    """PP=1 loads the PP2 x VP2 model checkpoint: max |difference| to the PP=1 run's final weights."""
+    warnings.filterwarnings("ignore")
+    from spin_mcore.platform import init_distributed
+    from spin_mcore.training.trainer import setup_model
+
+    tmp = Path(tmp)
+    cfg = _cfg([])
+    pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    vp = setup_model(cfg, pstate, str(tmp / "run_vp" / "model"), wrap_ddp=False)
+    pp1 = setup_model(cfg, pstate, str(tmp / "run_pp1" / "model"), wrap_ddp=False)
+    return max(float((a - b).abs().max()) for a, b in zip(vp.parameters(), pp1.parameters()))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from spin_mcore.launcher import run_local
+
+    tmp = tmp_path_factory.mktemp("vp")
+    single = run_local(_single_worker, 1, str(tmp))[0]
+    vp = run_local(_vp_worker, 2, str(tmp))
+    return tmp, single, vp
+
+
+def test_chunks_hold_interleaved_layers(runs):
+    _, _, vp = runs
+    # global layer numbers (1-based): chunk i of rank r holds layer i * pp + r + 1
+    assert vp[0]["layers"] == [[1], [3]] and vp[1]["layers"] == [[2], [4]]
+
+
+def test_vp_reference_pass_matches_pp1(runs):
+    tmp, _, _ = runs
+    diff = float((_refs(tmp / "ref_vp") - _refs(tmp / "ref")).abs().max())
+    assert diff < 1e-5, diff
+
+
+def test_vp_training_matches_pp1(runs):
+    tmp, single, vp = runs
+    assert single["steps"] == vp[0]["summary"]["steps"] == STEPS
+    la, lb = _losses(tmp / "run_pp1"), _losses(tmp / "run_vp")
+    assert len(la) == STEPS and max(abs(a - b) for a, b in zip(la, lb)) < 1e-5, (la, lb)
+    a, b = checkpoint_weights(tmp / "run_pp1" / "model"), checkpoint_weights(tmp / "run_vp" / "model")
+    init = checkpoint_weights(tmp / "init")
+    assert a.keys() == b.keys() == init.keys()
+    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-4  # training moved the weights
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff < 1e-5, diff
+
+
+def test_vp_checkpoint_loads_at_pp1(runs):
+    from spin_mcore.launcher import run_local
+
+    tmp, _, _ = runs
+    meta = json.loads((tmp / "run_vp" / "model" / "spin_mcore.json").read_text())
+    assert meta["saved_parallel"] == {"tp": 1, "pp": 2, "vp": 2}
+    assert run_local(_reshard_worker, 1, str(tmp))[0] < 1e-5
