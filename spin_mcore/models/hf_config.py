@@ -76,6 +76,8 @@ def _full_attention_only(v) -> bool:
 
 
 # field -> (accepted?, what spin_mcore implements). An absent field takes transformers' default, which is accepted.
+# hidden_dropout is read by neither class, but a config that sets it expects dropout in training, which spin_mcore
+# never applies, so it is refused like attention_dropout.
 _COMMON_FIXED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tie_word_embeddings": (_one_of(False), "untied input and output embeddings"),
     "hidden_act": (_one_of("silu", "swish"), "SwiGLU with SiLU"),
