@@ -172,9 +172,11 @@ def test_console_script_prints_one_line(inputs, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "spin_mcore.cli", "run", *_overrides(inputs, data, tmp_path / "run")],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == [
-        f"spin-mcore run: error: {data}: the file is UTF-16-encoded (it starts with a byte-order mark), SFT data "
-        f"must be UTF-8; convert it with `iconv -f UTF-16 -t UTF-8 {data} > {tmp_path / 'w.utf8.jsonl'}`"], proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spin-mcore run"), proc.stderr
+    assert lines[0].endswith(
+        f"{data}: the file is UTF-16-encoded (it starts with a byte-order mark), SFT data must be UTF-8; "
+        f"convert it with `iconv -f UTF-16 -t UTF-8 {data} > {tmp_path / 'w.utf8.jsonl'}`"), proc.stderr
     assert not (tmp_path / "run").exists()
 
 

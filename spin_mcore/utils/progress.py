@@ -7,7 +7,8 @@ passed since the last line, whichever comes first, plus a last line at ``close()
 
     generate it0: 250/1000 (25%) 41 s, tok_s=612.3
 
-So a stage of any length writes about 20 lines, and a slow one at least one every 30 s.
+So a stage writes at most 21 lines however many units it counts (fewer when it has fewer than 20),
+plus one per 30 s of a slow stretch.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class LogProgress:
         self.total, self.desc, self.n, self.disable = total, desc, initial, disable
         self.file = file
         self._interval, self._clock = interval_s, clock
-        self._step = max(1, int(total * step_fraction)) if total else None
+        self._step = total * step_fraction if total else None  # units per line (a float: at most 20 lines)
         self._start = self._last_time = clock()
         self._last_n = initial
         self._postfix = ""
@@ -67,7 +68,7 @@ class LogProgress:
         if self.disable:
             return
         now = self._clock()
-        stepped = self._step is not None and self.n // self._step > self._last_n // self._step
+        stepped = self._step is not None and int(self.n / self._step) > int(self._last_n / self._step)
         if stepped or now - self._last_time >= self._interval:
             self._print(now)
 
