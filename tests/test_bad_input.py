@@ -30,6 +30,7 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
     lines = SHIPPED.read_text(encoding="utf-8").splitlines(keepends=True)[:300]
     (root / "ok.jsonl").write_text("".join(lines), encoding="utf-8")
+    (root / "theta0").mkdir()  # run.init_checkpoint must exist; nothing here loads it
     recs = [json.loads(x) for x in lines]
     tok = train_sentencepiece([format_prompt(r["prompt"], "instruction") + r["response"] for r in recs],
                               root / "tokenizer", vocab_size=TOKENIZER_VOCAB, seed=0)
@@ -67,6 +68,11 @@ def _cli(capsys, argv: list[str]) -> str:
     assert len(lines) == 1 and "Traceback" not in err, err
     assert seconds < 20, f"took {seconds:.1f} s: the check should run before any process starts"
     return lines[0]
+
+
+def _no_outputs(directory: Path) -> bool:
+    """Nothing was produced in ``directory``: absent, or holding only the CLI's error.log."""
+    return not directory.exists() or {p.name for p in directory.iterdir()} <= {"error.log"}
 
 
 def _write(path: Path, content: bytes | str) -> Path:
@@ -117,7 +123,7 @@ def test_run_refuses_bad_input_in_one_line(inputs, tmp_path, capsys, no_launch, 
     for part in CASES[name][2]:
         assert part in line, line
     assert line.startswith("spin-mcore run: ")
-    assert not run_dir.exists()
+    assert _no_outputs(run_dir)
 
 
 def test_run_accepts_utf8_bom_and_good_data(inputs, tmp_path, monkeypatch):
@@ -163,7 +169,7 @@ def test_generate_train_eval_run_the_same_preflight(inputs, tmp_path, capsys, no
     line = _cli(capsys, ["eval", *over, "--checkpoint", str(tmp_path / "ck"), "--pairs", str(tmp_path / "p"),
                          "--out", str(tmp_path / "eval")])
     assert line.startswith("spin-mcore eval: ") and "small.jsonl: 10 records leave no held-out prompt" in line
-    assert not any((tmp_path / d).exists() for d in ("run", "gen", "train", "eval"))
+    assert all(_no_outputs(tmp_path / d) for d in ("run", "gen", "train", "eval"))
 
 
 def test_console_script_prints_one_line(inputs, tmp_path):
@@ -177,7 +183,7 @@ def test_console_script_prints_one_line(inputs, tmp_path):
     assert lines[0].endswith(
         f"{data}: the file is UTF-16-encoded (it starts with a byte-order mark), SFT data must be UTF-8; "
         f"convert it with `iconv -f UTF-16 -t UTF-8 {data} > {tmp_path / 'w.utf8.jsonl'}`"), proc.stderr
-    assert not (tmp_path / "run").exists()
+    assert _no_outputs(tmp_path / "run")
 
 
 # ----------------------------------------------------------------------------- tokenizer vs model
