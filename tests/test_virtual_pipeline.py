@@ -3,12 +3,16 @@
 Independent reference: the same run in one process (PP=1). A 4-layer tiny model at
 PP=2 x VP=2 puts layers {0}, {2} on rank 0 and {1}, {3} on rank 1; the reference
 pass, three optimizer steps (4 micro-batches each) and the final weights must agree
-with the single-process run, and the checkpoint must reshard PP2 x VP2 -> PP1.
+with the single-process run; a run resumed from its step-2 checkpoint must end where
+the uninterrupted one did; the checkpoint must reshard PP2 x VP2 -> PP1 (and the PP1
+init checkpoint -> PP2 x VP2); and a VP config must still load one-stage models for
+inference (load_policy).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -77,13 +81,31 @@ def _vp_worker(tmp: str) -> dict:
     compute_reference_logprobs(cfg, model, pstate, [tmp / "gen"], tmp / "ref_vp")
     del model
     summary = train(cfg, pstate, [tmp / "ref"], str(tmp / "init"), tmp / "run_vp")
-    return {"layers": layers, "summary": summary}
+
+    # Resume: the same run with a checkpoint per step, cut back to its step-2 checkpoint.
+    cfg_r = _cfg(VP + ["train.save_interval=1"])
+    train(cfg_r, pstate, [tmp / "ref"], str(tmp / "init"), tmp / "run_vp_resumed")
+    if pstate.rank == 0:
+        shutil.rmtree(tmp / "run_vp_resumed" / "model")
+        shutil.rmtree(tmp / "run_vp_resumed" / "train_state" / f"step_{STEPS:08d}")
+    torch.distributed.barrier()
+    resumed = train(cfg_r, pstate, [tmp / "ref"], str(tmp / "init"), tmp / "run_vp_resumed")
+
+    # Inference ignores vp: one stage per rank, scored with the plain 1F1B schedule.
+    from spin_mcore.loop import load_policy
+
+    policy = load_policy(cfg, pstate, str(tmp / "run_vp" / "model"))
+    compute_reference_logprobs(cfg, policy, pstate, [tmp / "gen"], tmp / "ref_vp_policy")
+    return {"layers": layers, "summary": summary, "resumed_from": resumed["resumed_from"],
+            "policy": type(policy).__name__, "policy_layers": [x.layer_number for x in policy.decoder.layers]}
 
 
 def _reshard_worker(tmp: str) -> float:
-    """PP=1 loads the PP2 x VP2 model checkpoint: max |difference| to the PP=1 run's final weights."""
+    """PP=1 loads the PP2 x VP2 model checkpoint: max |difference| to the PP=1 run's final weights.
+    Also scores the pairs with the PP=1 final model (the reference for load_policy under a VP config)."""
     warnings.filterwarnings("ignore")
     from spin_mcore.platform import init_distributed
+    from spin_mcore.training.reference import compute_reference_logprobs
     from spin_mcore.training.trainer import setup_model
 
     tmp = Path(tmp)
@@ -91,6 +113,7 @@ def _reshard_worker(tmp: str) -> float:
     pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
     vp = setup_model(cfg, pstate, str(tmp / "run_vp" / "model"), wrap_ddp=False)
     pp1 = setup_model(cfg, pstate, str(tmp / "run_pp1" / "model"), wrap_ddp=False)
+    compute_reference_logprobs(cfg, pp1, pstate, [tmp / "gen"], tmp / "ref_pp1_final")
     return max(float((a - b).abs().max()) for a, b in zip(vp.parameters(), pp1.parameters()))
 
 
@@ -129,10 +152,23 @@ def test_vp_training_matches_pp1(runs):
     assert diff < 1e-5, diff
 
 
-def test_vp_checkpoint_loads_at_pp1(runs):
+def test_vp_resume_ends_where_the_uninterrupted_run_did(runs):
+    tmp, _, vp = runs
+    assert vp[0]["resumed_from"].endswith("train_state/step_00000002")
+    a, b = checkpoint_weights(tmp / "run_vp" / "model"), checkpoint_weights(tmp / "run_vp_resumed" / "model")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0  # bitwise on CPU fp32
+    assert _losses(tmp / "run_vp") == _losses(tmp / "run_vp_resumed")
+
+
+def test_vp_checkpoint_loads_at_pp1_and_inference_ignores_vp(runs):
     from spin_mcore.launcher import run_local
 
-    tmp, _, _ = runs
+    tmp, _, vp = runs
     meta = json.loads((tmp / "run_vp" / "model" / "spin_mcore.json").read_text())
     assert meta["saved_parallel"] == {"tp": 1, "pp": 2, "vp": 2}
     assert run_local(_reshard_worker, 1, str(tmp))[0] < 1e-5
+    # load_policy under the VP config: one GPTModel per rank, layers {1, 2} and {3, 4}
+    assert [v["policy"] for v in vp] == ["GPTModel", "GPTModel"]
+    assert [v["policy_layers"] for v in vp] == [[1, 2], [3, 4]]
+    diff = float((_refs(tmp / "ref_vp_policy") - _refs(tmp / "ref_pp1_final")).abs().max())
+    assert diff < 1e-5, diff
