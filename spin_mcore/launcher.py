@@ -21,7 +21,18 @@ from spin_mcore.platform.distributed import free_port
 
 
 class WorkerError(RuntimeError):
-    """A launched rank raised; the message carries its traceback."""
+    """A launched rank raised, or died, or gave no result.
+
+    ``str(err)`` is ``"rank N failed:"`` followed by the rank's traceback. ``summary`` is the one
+    line a user should see (the exception's own message for bad input), ``traceback`` the rest,
+    ``user_error`` whether the rank raised one of :data:`spin_mcore.config.USER_ERRORS` (bad
+    config or data, named in the message) rather than a failure of the program.
+    """
+
+    def __init__(self, summary: str, traceback_text: str = "", rank: int | None = None, user_error: bool = False):
+        text = f"rank {rank} failed:\n{traceback_text}" if rank is not None and traceback_text else summary
+        super().__init__(text)
+        self.summary, self.traceback, self.rank, self.user_error = summary, traceback_text, rank, user_error
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, threads: int, env: dict) -> None:
@@ -46,7 +57,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
     except preemption.Preempted as exc:  # state saved at a boundary: an outcome, not a failure
         results.put((rank, None, (exc.signum, exc.where)))
     except BaseException as exc:  # report every failure, including SystemExit from a CLI stage
-        results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        from spin_mcore.config import USER_ERRORS
+
+        results.put((rank, False, {"summary": f"{type(exc).__name__}: {exc}", "message": str(exc),
+                                   "user_error": isinstance(exc, USER_ERRORS), "traceback": traceback.format_exc()}))
     finally:
         try:
             from spin_mcore.platform.distributed import destroy_distributed
@@ -54,6 +68,12 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
             destroy_distributed()
         except Exception:
             pass
+
+
+def launch_rank(environ=None) -> int:
+    """This process's global rank as its launcher named it (``RANK``, or srun's ``SLURM_PROCID``); 0 otherwise."""
+    env = os.environ if environ is None else environ
+    return int(env.get("RANK", env.get("SLURM_PROCID", "0")) or 0)
 
 
 def launched(environ=None) -> bool:
@@ -132,6 +152,8 @@ def _collect(procs: list, results, outputs: dict, stopped: dict, deadline: float
         if ok is None:
             stopped[rank] = payload
         elif not ok:
-            raise WorkerError(f"rank {rank} failed:\n{payload}")
+            user = payload["user_error"]
+            raise WorkerError(payload["message"] if user else f"rank {rank} failed: {payload['summary']}",
+                              payload["traceback"], rank=rank, user_error=user)
         else:
             outputs[rank] = payload

@@ -24,7 +24,7 @@ _RESUMABLE_FIELDS = {("run", "nproc"), ("run", "iterations"), ("train", "log_int
                      ("platform", "dist_timeout_minutes")}
 
 
-class RunConfigMismatchError(RuntimeError):
+class RunConfigMismatchError(ValueError):
     """The run directory was made with a different config."""
 
 

@@ -220,7 +220,7 @@ def test_bad_tensors_are_named(hf_models, tmp_path, edit, match):
 def _cli_error(capsys, argv) -> str:
     from spin_mcore.cli import main
 
-    assert main(argv) == 2
+    assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err  # one line, no traceback
     return err

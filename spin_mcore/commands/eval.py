@@ -46,6 +46,7 @@ def run(args) -> int:
     from spin_mcore.platform.distributed import select_device
     from spin_mcore.utils.io import atomic_write_json
 
+    args.log_dir = args.out  # cli.main writes a rank's traceback there
     if args.harness:
         from spin_mcore.eval.harness import run_harness, select_tasks
 

@@ -76,7 +76,7 @@ def run(args) -> int:
     from spin_mcore.commands.common import split_config_and_overrides
     from spin_mcore.config import load_config
     from spin_mcore.data.preflight import check_data
-    from spin_mcore.launcher import WorkerError, launched, run_local
+    from spin_mcore.launcher import launched, run_local
     from spin_mcore.platform.distributed import select_device
 
     config, overrides = split_config_and_overrides(args)
@@ -85,16 +85,11 @@ def run(args) -> int:
     select_device(cfg.platform.device)  # platform.device=cuda without CUDA: one clear error, no process started
     out = args.out or str(RunDir(cfg.run.dir).iteration(args.iteration) / "train_generation")
     fn_args = (config, overrides, out, args.iteration, args.checkpoint, args.hf, args.force)
+    args.log_dir = out  # cli.main writes a rank's traceback there
     if launched():
         generate_rank(*fn_args)
         return 0
-    try:
-        run_local(generate_rank, args.nproc or cfg.run.nproc, *fn_args)
-    except WorkerError as exc:
-        lines = str(exc).splitlines()
-        print(f"spin-mcore generate: {' '.join(lines[:2])}")
-        print("\n".join(lines[2:]))
-        return 1
+    run_local(generate_rank, args.nproc or cfg.run.nproc, *fn_args)
     print(f"spin-mcore generate: wrote {out}")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 from spin_mcore.commands.common import add_config_args, split_config_and_overrides
 
@@ -25,9 +26,9 @@ def run_rank(config_path, overrides: list, force: bool) -> list:
 
 
 def run(args) -> int:
-    from spin_mcore.config import load_config
+    from spin_mcore.config import ConfigError, load_config
     from spin_mcore.data.preflight import check_data
-    from spin_mcore.launcher import launched, run_local
+    from spin_mcore.launcher import launch_rank, launched, run_local
     from spin_mcore.platform.distributed import select_device
 
     config_path, overrides = split_config_and_overrides(args)
@@ -36,12 +37,20 @@ def run(args) -> int:
     check_data(cfg)  # data file, split sizes, tokenizer vs model.vocab_size: also before any process
     if cfg.run.init_checkpoint is None:
         raise ValueError("run.init_checkpoint is not set: SPIN starts from an SFT model (theta_0)")
+    if not Path(cfg.run.init_checkpoint).exists():
+        raise FileNotFoundError(f"run.init_checkpoint={cfg.run.init_checkpoint}: no such directory")
+    if cfg.parallel.pp > 1 and cfg.generation.backend == "megatron":
+        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: the loop generates with the in-process engine "
+                          "(generation.backend=megatron), which needs parallel.pp=1; use pp=1 for spin-mcore run "
+                          "(spin-mcore train accepts pp > 1)")
     for field in ("path", "tokenizer"):
         if getattr(cfg.data, field) is None:
             raise ValueError(f"data.{field} is not set")
     call = (config_path, overrides, args.force)
+    args.log_dir = cfg.run.dir  # cli.main writes a rank's traceback there
     rows = run_rank(*call) if launched() else run_local(run_rank, cfg.run.nproc, *call)[0]
-    print(json.dumps(rows, default=str))
+    if launch_rank() == 0:  # under srun every rank gets here: print once
+        print(json.dumps(rows, default=str))
     return 0
 
 

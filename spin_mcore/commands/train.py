@@ -45,7 +45,7 @@ def train_rank(config_path, overrides: list, data: list, out: str, init, iterati
 def run(args) -> int:
     from spin_mcore.config import load_config
     from spin_mcore.data.preflight import check_data
-    from spin_mcore.launcher import launched, run_local
+    from spin_mcore.launcher import launch_rank, launched, run_local
     from spin_mcore.platform.distributed import select_device
 
     config_path, overrides = split_config_and_overrides(args)
@@ -54,11 +54,13 @@ def run(args) -> int:
     select_device(cfg.platform.device)  # platform.device=cuda without CUDA: one clear error, no process started
     init = args.init if args.init is not None else cfg.run.init_checkpoint
     call = (config_path, overrides, list(args.data), args.out, init, args.iteration, args.reference)
+    args.log_dir = args.out  # cli.main writes a rank's traceback there
     if launched():
         summary = train_rank(*call)
     else:
         summary = run_local(train_rank, cfg.run.nproc, *call)[0]
-    print(json.dumps(summary, default=str))
+    if launch_rank() == 0:  # under srun every rank gets here: print once
+        print(json.dumps(summary, default=str))
     return 0
 
 
