@@ -123,7 +123,13 @@ def rope_scaled_worker(ckpts: dict, ids: list, runs: list, exports: dict) -> dic
         with torch.inference_mode():
             last = engine.prefill([row.tolist() for row in ids], 0)  # gathered over TP
         out[f"{name}@{tp}/engine"] = last.numpy() if pstate.rank == 0 else None
+        # The same weights with plain RoPE. Loading the checkpoint into such a model is refused
+        # (its RoPE differs from the checkpoint's), so the weights are copied in memory.
+        from spin_mcore.config import PrecisionConfig
+        from spin_mcore.models.gpt import build_gpt_model
+
         plain = dataclasses.replace(model_cfg, rope_scaling=None)
-        pstate, model = _load_checkpoint_model(ckpts[name], plain, tp)
-        out[f"{name}@{tp}/plain"] = _pipeline_logits(model, pstate, plain.vocab_size, ids)
+        plain_model = build_gpt_model(plain, pstate, PrecisionConfig(recipe="fp32")).eval()
+        plain_model.load_state_dict(model.state_dict())
+        out[f"{name}@{tp}/plain"] = _pipeline_logits(plain_model, pstate, plain.vocab_size, ids)
     return out

@@ -203,11 +203,32 @@ _ARCH_FIELDS = (
 
 
 def _check_architecture(core, meta: dict, directory: Path) -> None:
-    """Fail with one line naming the field when the checkpoint's architecture differs from the model's."""
+    """Fail with one line naming the field when the checkpoint's architecture differs from the model's.
+
+    Sizes are compared field by field. Fields that change the math without changing any shape
+    (RMSNorm epsilon, RoPE theta and scaling) are compared as the model applies them: its
+    epsilon, and its rotary frequencies against those the checkpoint's config implies. Weights
+    trained with Llama-3.1 rope scaling never run silently with plain RoPE, or the reverse.
+    """
+    from spin_mcore.models.rope import rope_inv_freq
+
     saved = meta["model"]
     config = core.config
     diffs = [f"{ours}: checkpoint {saved.get(theirs)} vs model {getattr(config, ours)}"
              for ours, theirs in _ARCH_FIELDS if saved.get(theirs) != getattr(config, ours)]
+    saved_cfg = model_config_from_meta(meta)
+    if saved_cfg.norm_eps != config.layernorm_epsilon:
+        diffs.append(f"norm_eps: checkpoint {saved_cfg.norm_eps} vs model {config.layernorm_epsilon}")
+    rotary = getattr(core, "rotary_pos_emb", None)
+    if not diffs and rotary is not None:
+        ours = rotary.inv_freq.detach().float().cpu()
+        if not torch.allclose(ours, rope_inv_freq(saved_cfg), rtol=1e-5, atol=0.0):
+            diffs.append(f"RoPE frequencies: the checkpoint was saved with rope_theta={saved_cfg.rope_theta}, "
+                         f"rope_scaling={saved_cfg.rope_scaling}" + (
+                             f" (factor {saved_cfg.rope_scaling_factor}, low {saved_cfg.rope_low_freq_factor}, "
+                             f"high {saved_cfg.rope_high_freq_factor}, original "
+                             f"{saved_cfg.rope_original_max_position_embeddings})" if saved_cfg.rope_scaling else "")
+                         + "; set the same model.rope_* fields")
     if diffs:
         raise CheckpointError(f"{directory}: architecture mismatch: {'; '.join(diffs)}")
 

@@ -51,3 +51,14 @@ def apply_rope_scaling(gpt, model_cfg) -> None:
     rotary = gpt.rotary_pos_emb
     rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, model_cfg.rope_scaling_factor, model_cfg.rope_low_freq_factor,
                                       model_cfg.rope_high_freq_factor, model_cfg.rope_original_max_position_embeddings)
+
+
+def rope_inv_freq(model_cfg) -> torch.Tensor:
+    """The RoPE inverse frequencies [head_dim / 2] fp32 that ``model_cfg`` implies, built as Megatron
+    builds them (``theta^(-2i / head_dim)`` in fp32), then scaled as :func:`apply_rope_scaling` does."""
+    dim = model_cfg.hidden_size // model_cfg.num_attention_heads
+    inv_freq = 1.0 / (model_cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if model_cfg.rope_scaling == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, model_cfg.rope_scaling_factor, model_cfg.rope_low_freq_factor,
+                                   model_cfg.rope_high_freq_factor, model_cfg.rope_original_max_position_embeddings)
+    return inv_freq
