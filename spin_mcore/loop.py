@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from spin_mcore.config import Config, per_iteration
 from spin_mcore.eval.builtin import checker_for, exact_match, decode_responses, heldout_nll, pair_metrics
+from spin_mcore.generation.sampling import sampling_vocab_size
 from spin_mcore.run_dir import RunDir, claim_run_dir, save_eval, write_results
 from spin_mcore.utils.io import read_json
 from spin_mcore.utils.shards import read_stage
@@ -126,10 +127,10 @@ def evaluate(cfg: Config, pstate, data: Prepared, checkpoint: str, heldout_pairs
     if data.answers is not None:
         answers, check = [data.answers[p.id] for p in data.heldout], checker_for(cfg.run.checker)[0]
         g = cfg.generation
-        texts = decode_responses(model, pstate, data.heldout, data.tokenizer, g.max_new_tokens,
-                                 cfg.model.vocab_size, g.batch_size)
+        vocab = sampling_vocab_size(cfg.model.vocab_size, data.tokenizer)
+        texts = decode_responses(model, pstate, data.heldout, data.tokenizer, g.max_new_tokens, vocab, g.batch_size)
         sampled = decode_responses(model, pstate, data.heldout, data.tokenizer, g.max_new_tokens,
-                                   cfg.model.vocab_size, g.batch_size, temperature=max(g.temperature, 1e-3),
+                                   vocab, g.batch_size, temperature=max(g.temperature, 1e-3),
                                    seed=g.seed + 7919)  # a stream no training generation uses
         out["exact_match"] = exact_match(texts, answers, check)
         out["sampled_exact_match"] = exact_match(sampled, answers, check)

@@ -37,6 +37,9 @@ class Prompt:  # duck-types spin_mcore.data.tokenize.TokenizedPrompt
 class FakeTokenizer:
     bos_id, eos_id = BOS, EOS
 
+    def __init__(self, vocab_size: int = VOCAB):
+        self.vocab_size = vocab_size
+
     def decode(self, ids):
         return " ".join(f"t{i}" for i in ids if i not in (BOS, EOS))
 
@@ -385,3 +388,30 @@ def test_vllm_backend_greedy_matches_transformers(hf_model):
     out = be.generate(_prompts(), [str(i) for i in range(len(PROMPT_LENS))],
                       SamplingParams(temperature=0, max_new_tokens=MAX_NEW, stop_ids=(EOS,)))
     assert [o[0] for o in out] == _hf_greedy(hf_model[0], _prompts())
+
+
+def _sample_with_small_tokenizer(tmp: str) -> dict:
+    """A random model of 777 ids with a 100-piece tokenizer: the stage samples only real pieces."""
+    from spin_mcore.config import load_config
+    from spin_mcore.generation import generate_tokens
+    from spin_mcore.generation.stage import generate_opponent
+    from spin_mcore.models.gpt import build_gpt_model
+    from spin_mcore.platform import init_distributed
+    from spin_mcore.utils.shards import read_stage
+
+    cfg = load_config(overrides=["model.preset=tiny", "model.vocab_size=777", "model.seq_length=64",
+                                 "model.init_std=0.5", "generation.max_new_tokens=12", "generation.temperature=1.0"])
+    pstate = init_distributed(cfg.parallel, seed=3)
+    model = build_gpt_model(cfg.model, pstate, cfg.precision).eval()
+    prompts = [Prompt(f"p{i}", p, [5, EOS]) for i, p in enumerate(_prompts())]
+    generate_opponent(cfg, model, pstate, prompts, FakeTokenizer(vocab_size=100), tmp, iteration=0)
+    staged = max(i for r in read_stage(tmp) for i in r["generated_ids"])
+    # The same model sampling from all of its 777 rows reaches past the tokenizer: the cap matters.
+    free = generate_tokens(model, pstate, _prompts(), SamplingParams(temperature=1.0, max_new_tokens=12),
+                           vocab_size=777)
+    return {"staged_max": staged, "free_max": max(i for rows in free for s in rows for i in s)}
+
+
+def test_stage_samples_only_ids_the_tokenizer_has(tmp_path):
+    (r,) = run_local(_sample_with_small_tokenizer, 1, str(tmp_path / "gen"))
+    assert r["staged_max"] < 100 <= r["free_max"], r

@@ -71,6 +71,16 @@ def make_generator(seed: int, prompt_key: str, sample_index: int) -> torch.Gener
     return torch.Generator().manual_seed(sample_seed(seed, prompt_key, sample_index))
 
 
+def sampling_vocab_size(model_vocab_size: int, tokenizer) -> int:
+    """How many ids generation may sample: the model's vocabulary, cut to the tokenizer's.
+
+    A model may have more rows than its tokenizer has pieces (HF configs often pad the
+    vocabulary); ids past the tokenizer have no text, so a sample holding one could not be
+    stored or compared with the human response. Dropping them renormalises over real pieces.
+    """
+    return min(int(model_vocab_size), int(tokenizer.vocab_size))
+
+
 def gather_vocab_parallel(local_logits: torch.Tensor, vocab_size: int, tp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """Full-vocabulary fp32 logits from this rank's vocab shard.
 

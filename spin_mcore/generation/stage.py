@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from spin_mcore.config import ConfigError
 from spin_mcore.generation.engine import generate_with_stats
-from spin_mcore.generation.sampling import SamplingParams
+from spin_mcore.generation.sampling import SamplingParams, sampling_vocab_size
 from spin_mcore.platform import preemption
 from spin_mcore.platform.collectives import all_reduce_host
 from spin_mcore.utils.io import atomic_write_json, atomic_write_text
@@ -180,7 +180,7 @@ def generate_opponent(cfg, model, pstate, prompts: Sequence, tokenizer, out_dir,
                 keys = [str(p.id) for p, _ in chunk]
                 if not external:
                     outputs, _ = generate_with_stats(model, pstate, [ids for _, ids in chunk], params, keys,
-                                                     batch_size=g.batch_size, vocab_size=cfg.model.vocab_size,
+                                                     batch_size=g.batch_size, vocab_size=sampling_vocab_size(cfg.model.vocab_size, tokenizer),
                                                      on_finish=on_finish)
                 else:
                     outputs = backend.generate([ids for _, ids in chunk], keys, params)
