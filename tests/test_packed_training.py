@@ -110,7 +110,8 @@ def _worker(tmp: str) -> dict:
 
     # (b) one train step, same plan (data order, global batch), padded vs packed
     sums = {}
-    for name, extra in (("pad", []), ("packed", ["train.pack_sequences=true"])):
+    # "pad" pads every row to SEQ (train.pad_to_longest=false): the layout packing is measured against.
+    for name, extra in (("pad", ["train.pad_to_longest=false"]), ("packed", ["train.pack_sequences=true"])):
         c = load_config(overrides=BASE + ["train.max_steps=1"] + extra)
         sums[name] = train(c, pstate, [tmp / "ref"], str(tmp / "init"), tmp / f"run_{name}")
     res["summaries"] = sums
