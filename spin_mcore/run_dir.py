@@ -1,12 +1,18 @@
 """The self-describing run directory of a SPIN run.
 
-    RUN/config.yaml              resolved config (a re-run with a different config is refused without --force)
-    RUN/iter_{t}/generation/     y' ~ theta_t for every prompt (shards + manifest)
-    RUN/iter_{t}/reference/      the same records with log p_theta_t(y|x), log p_theta_t(y'|x)
-    RUN/iter_{t}/train/          trainer checkpoints, metrics.jsonl, TensorBoard events
-    RUN/checkpoints/theta_{t}/   model checkpoint of each iterate (theta_0 = the initial model)
-    RUN/iter_{t}/eval.json       evaluation of theta_{t+1} (written last: its presence marks the iteration done)
+    RUN/config.yaml                      resolved config (a re-run with a different config is refused without --force)
+    RUN/checkpoints/theta_0/             theta_0 as an mcore checkpoint, when converted from HF (run.init_from_hf)
+    RUN/iter_{t}/train_generation/       y' ~ theta_t for every training prompt (shards + manifest)
+    RUN/iter_{t}/train_reference/        those pairs (and the previous iteration's) with theta_t's log p(y|x), log p(y'|x)
+    RUN/iter_{t}/heldout_generation/     the same for the held-out prompts (evaluation only)
+    RUN/iter_{t}/heldout_reference/
+    RUN/iter_{t}/train/                  trainer checkpoints (train_state/), metrics.jsonl, TensorBoard events,
+                                         and model/, theta_{t+1}
+    RUN/iter_{t}/eval_work/              theta_{t+1}'s scores of the held-out pairs
+    RUN/iter_{t}/eval.json               evaluation of theta_{t+1} (written last: its presence marks the iteration done)
     RUN/results.jsonl, RUN/results.md, RUN/results.png   per-iteration table and plot
+    RUN/rejects.jsonl                    lines skipped under data.skip_bad_lines, with file, line and reason
+    RUN/error.log                        the traceback of the last error a rank raised (the CLI prints one line)
 """
 
 from __future__ import annotations
