@@ -33,3 +33,44 @@ def write_pair_stage(path, records: list[dict]) -> None:
     stage = ShardedStage(path, "generation", "test")
     stage.write_shard(0, records)
     stage.finalize()
+
+
+SHIPPED_DATA = Path(__file__).resolve().parent.parent / "spin_mcore" / "demo_data" / "arith.jsonl"
+TINY_VOCAB = 320
+
+
+def tiny_model_overrides(vocab_size: int = TINY_VOCAB) -> list[str]:
+    """A 2-layer, 32-wide Llama for loop-level tests (seconds per stage on 2 cores)."""
+    return ["model.preset=tiny", "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=88",
+            "model.num_attention_heads=4", "model.num_query_groups=2", f"model.vocab_size={vocab_size}",
+            "model.seq_length=56", "model.make_vocab_size_divisible_by=64", "model.init_std=0.1"]
+
+
+def save_random_theta0(out_dir, vocab_size: int = TINY_VOCAB) -> None:
+    """Rank worker: a seeded random tiny model saved as an mcore checkpoint (theta_0 of loop tests)."""
+    from spin_mcore.config import load_config
+    from spin_mcore.models.checkpoint import save_model_checkpoint
+    from spin_mcore.models.gpt import build_gpt_model
+    from spin_mcore.platform import init_distributed
+
+    cfg = load_config(overrides=tiny_model_overrides(vocab_size))
+    pstate = init_distributed(cfg.parallel, seed=0)
+    save_model_checkpoint(build_gpt_model(cfg.model, pstate, cfg.precision), pstate, out_dir, cfg.model)
+
+
+def make_tiny_spin_inputs(root: Path, records: int = 240) -> tuple[Path, Path]:
+    """The first ``records`` demo records, a SentencePiece tokenizer trained on them and a random theta_0
+    under ``root``. Returns (root, tokenizer.model path)."""
+    import json
+
+    from spin_mcore.data.templates import format_prompt
+    from spin_mcore.data.tokenizer import train_sentencepiece
+    from spin_mcore.launcher import run_local
+
+    lines = SHIPPED_DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:records]
+    (root / "arith.jsonl").write_text("".join(lines), encoding="utf-8")
+    recs = [json.loads(line) for line in lines]
+    tok = train_sentencepiece([format_prompt(r["prompt"], "instruction") + r["response"] for r in recs],
+                              root / "tokenizer", vocab_size=TINY_VOCAB, seed=0)
+    run_local(save_random_theta0, 1, str(root / "theta0"), TINY_VOCAB)
+    return root, tok

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from spin_mcore.launcher import run_local
+from tests.helpers import checkpoint_weights, make_tiny_spin_inputs, tiny_model_overrides
 
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
-SHIPPED = ROOT / "spin_mcore" / "demo_data" / "arith.jsonl"
 
 
 def _need(tool: str) -> None:
@@ -51,44 +50,16 @@ def slurm_env():
     return env
 
 
-def _save_theta0(out_dir, vocab_size):
-    from spin_mcore.config import load_config
-    from spin_mcore.models.checkpoint import save_model_checkpoint
-    from spin_mcore.models.gpt import build_gpt_model
-    from spin_mcore.platform import init_distributed
-
-    cfg = load_config(overrides=_model_overrides(vocab_size))
-    pstate = init_distributed(cfg.parallel, seed=0)
-    model = build_gpt_model(cfg.model, pstate, cfg.precision)
-    save_model_checkpoint(model, pstate, out_dir, cfg.model)
-
-
-def _model_overrides(vocab_size: int) -> list[str]:
-    return ["model.preset=tiny", "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=88",
-            "model.num_attention_heads=4", "model.num_query_groups=2", f"model.vocab_size={vocab_size}",
-            "model.seq_length=56", "model.make_vocab_size_divisible_by=64", "model.init_std=0.1"]
-
-
 @pytest.fixture(scope="module")
 def tiny_inputs(tmp_path_factory):
     """Demo data (240 records), a SentencePiece tokenizer trained on it, and a random theta_0."""
-    from spin_mcore.data.templates import format_prompt
-    from spin_mcore.data.tokenizer import train_sentencepiece
-
-    root = tmp_path_factory.mktemp("slurm_inputs")
-    lines = SHIPPED.read_text(encoding="utf-8").splitlines(keepends=True)[:240]
-    (root / "arith.jsonl").write_text("".join(lines), encoding="utf-8")
-    recs = [json.loads(line) for line in lines]
-    tok = train_sentencepiece([format_prompt(r["prompt"], "instruction") + r["response"] for r in recs],
-                              root / "tokenizer", vocab_size=320, seed=0)
-    run_local(_save_theta0, 1, str(root / "theta0"), 320)
-    return root, tok
+    return make_tiny_spin_inputs(tmp_path_factory.mktemp("slurm_inputs"))
 
 
 def _job_overrides(inputs, run_dir: Path) -> list[str]:
     """The 70B config brought down to a tiny model: the same script, the same file, these overrides."""
     root, tok = inputs
-    return [*_model_overrides(320),
+    return [*tiny_model_overrides(),
             "parallel.tp=2", "parallel.sequence_parallel=false", "precision.recipe=fp32", "platform.device=cpu",
             f"data.path={root / 'arith.jsonl'}", f"data.tokenizer={tok}", "data.template=instruction",
             "data.max_prompt_length=28", "data.max_response_length=24", "data.num_prompts=48",
@@ -110,12 +81,6 @@ def _sbatch(env, log: Path, args: list[str], wait: bool) -> str:
 def _job_state(env, job: str) -> dict:
     out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
     return dict(re.findall(r"(\w+)=(\S+)", out))
-
-
-def _weights(model_dir: Path) -> dict:
-    from tests.helpers import checkpoint_weights
-
-    return checkpoint_weights(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +135,8 @@ def test_requeue_mid_training_resumes_to_identical_weights(slurm_env, tiny_input
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, text[-3000:])
     assert f"spin_job.sh: job {job} restart 1" in text
     assert "resumed from" in text  # the trainer continued from its checkpoint, not from scratch
-    mine = _weights(tmp_path / "run" / "iter_0" / "train" / "model")
-    plain = _weights(plain_out / "run" / "iter_0" / "train" / "model")
+    mine = checkpoint_weights(tmp_path / "run" / "iter_0" / "train" / "model")
+    plain = checkpoint_weights(plain_out / "run" / "iter_0" / "train" / "model")
     assert mine.keys() == plain.keys() and len(mine) > 0
     for name in plain:
         assert mine[name].equal(plain[name]), name

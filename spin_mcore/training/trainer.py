@@ -150,22 +150,25 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
 
     state_root = out_dir / "train_state"
     step, skipped, tokens_seen = 0, 0, 0.0
+    last: dict = {}  # metrics of the latest step: the summary's "final", kept across resumes
     resume_from = latest_checkpoint(state_root)
     if resume_from is not None:
         loop = load_train_checkpoint(resume_from, model, optimizer, scheduler, pstate)
         step, skipped, tokens_seen = int(loop["step"]), int(loop["skipped"]), float(loop["tokens"])
+        # A run killed after its last checkpoint resumes with no step left: the summary still
+        # reports the last step's metrics, as the uninterrupted run does.
+        last = dict(loop.get("last") or {})
         if loop.get("total_steps", total_steps) != total_steps:
             raise ConfigError(f"{resume_from}: was trained for {loop['total_steps']} steps, this config gives "
                               f"{total_steps}; use a fresh output directory")
 
     def save_state() -> None:
         save_train_checkpoint(state_root, step, model, optimizer, scheduler, pstate,
-                              {"skipped": skipped, "tokens": tokens_seen, "total_steps": total_steps},
+                              {"skipped": skipped, "tokens": tokens_seen, "total_steps": total_steps, "last": last},
                               keep=t_cfg.keep_checkpoints)
 
     model.train()
     start = time.perf_counter()
-    last: dict = {}
     logger = MetricsLogger(out_dir, pstate.is_logging_rank, total_steps, start_step=step)
     try:
         if resume_from is not None:
