@@ -1,0 +1,122 @@
+"""``spin-mcore plan``: which layout, how much memory, how many hours per SPIN iteration (no GPU needed).
+
+    spin-mcore plan spin_mcore/configs/spin_llama3_70b.yaml --gpus 64 --gpu h100 precision.recipe=fp8
+    spin-mcore plan model.preset=llama3-8b --gpus 8 --json
+
+Takes the model, batch, precision, optimizer and generation settings from the config; ``--tp/--pp/--vp``
+(all three, or none) fix a layout instead of searching. Everything is arithmetic on stated
+assumptions (spin_mcore/plan/*); the output lists them.
+"""
+
+from __future__ import annotations
+
+import json
+
+from spin_mcore.commands.common import add_config_args, split_config_and_overrides
+
+
+def run(args) -> int:
+    from spin_mcore.config import ConfigError, load_config
+    from spin_mcore.plan.memory import Layout, ModelShape, Precision
+    from spin_mcore.plan.search import SpinWorkload, plan
+    from spin_mcore.plan.throughput import DEFAULT_EFFICIENCY, GPUS
+
+    config, overrides = split_config_and_overrides(args)
+    cfg = load_config(config, overrides)
+    if args.gpu not in GPUS:
+        raise ConfigError(f"--gpu {args.gpu}: must be one of {', '.join(GPUS)}")
+    gpu = GPUS[args.gpu]
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus {args.gpus}: must be >= 1")
+    shape = ModelShape.from_config(cfg.model)
+    precision = Precision.from_config(cfg.precision, gpu=True)
+    if precision.recipe == "fp8" and gpu.fp8_tflops <= 0:
+        raise ConfigError(f"precision.recipe=fp8: --gpu {args.gpu} ({gpu.name}) has no FP8 tensor cores")
+    seq = args.seq_tokens or min(cfg.model.seq_length, cfg.data.max_prompt_length + cfg.data.max_response_length)
+    work = SpinWorkload(prompts=cfg.data.num_prompts or args.prompts, keep_previous=cfg.spin.keep_previous_iteration,
+                        epochs=cfg.train.epochs, samples=cfg.generation.num_samples,
+                        new_tokens=cfg.generation.max_new_tokens)
+    fixed = None
+    given = [args.tp, args.pp]
+    if any(v is not None for v in given):
+        if None in given:
+            raise ConfigError("--tp and --pp: give both (and optionally --vp, --mbs) or neither")
+        if args.gpus % (args.tp * args.pp):
+            raise ConfigError(f"--gpus {args.gpus} is not divisible by --tp {args.tp} x --pp {args.pp}")
+        fixed = Layout(tp=args.tp, pp=args.pp, dp=args.gpus // (args.tp * args.pp), vp=args.vp or 1,
+                       micro_batch=args.mbs or cfg.train.micro_batch_size, global_batch=cfg.train.global_batch_size,
+                       seq=seq, recompute=cfg.train.recompute, sequence_parallel=args.tp > 1)
+    result = plan(shape, args.gpus, gpu, precision, cfg.train.optimizer, cfg.train.global_batch_size, seq,
+                  args.efficiency or DEFAULT_EFFICIENCY, work, cfg.generation.backend, fixed=fixed, top=args.top)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_plan(result, args.gpus, gpu.name))
+    return 0 if result["best"] else 1
+
+
+def format_plan(result: dict, gpus: int, gpu_name: str) -> str:
+    """Human-readable summary of :func:`spin_mcore.plan.search.plan`'s dict."""
+    lines = [f"spin-mcore plan: {gpus} x {gpu_name}; {result['fits']} of {result['considered']} layouts fit"]
+
+    def layout_str(lay: dict) -> str:
+        return (f"TP{lay['tp']} PP{lay['pp']} VP{lay['vp']} DP{lay['dp']} mbs {lay['micro_batch']} "
+                f"gbs {lay['global_batch']} seq {lay['seq']} recompute {'on' if lay['recompute'] else 'off'}")
+
+    best = result["best"]
+    if best is None:
+        lines.append("no layout fits in memory")
+        if result.get("closest_over"):
+            c = result["closest_over"]
+            lines.append(f"closest: {layout_str(c['layout'])}: needs {c['memory_gb']['total']:.1f} GB of "
+                         f"{c['memory_gb']['capacity']:.0f}")
+    else:
+        m, h, s = best["memory_gb"], best["hours_per_iteration"], best["step_seconds"]
+        lines += [
+            f"best layout: {layout_str(best['layout'])}",
+            f"  training throughput: {best['tokens_per_s_per_gpu']:.0f} tokens/s/GPU "
+            f"(step {s['total']:.2f} s: compute {s['compute']:.2f}, bubble {s['bubble']:.2f}, "
+            f"TP comm {s['tp_comm']:.2f}, DP comm exposed {s['dp_comm_exposed']:.2f})",
+            f"  memory per GPU: {m['total']:.1f} of {m['capacity']:.0f} GB (weights {m['weights']:.1f}, grads "
+            f"{m['grads']:.1f}, main params {m['main_params']:.1f}, optimizer {m['optimizer_state']:.1f}, "
+            f"activations {m['activations']:.1f}, logits {m['logits']:.1f}, reserved {m['reserved']:.1f}); "
+            f"headroom {m['headroom']:.1f} GB",
+            f"  hours per SPIN iteration: {h['total']:.2f} = generation {h['generation']:.2f} (estimate) + "
+            f"reference pass {h['reference']:.2f} + training {h['training']:.2f}",
+            f"  generation estimate source: {h['generation_source']}",
+            f"  launch/spin_70b.sh layout: parallel.tp={best['layout']['tp']} parallel.pp={best['layout']['pp']}"
+            + (f" parallel.vp={best['layout']['vp']}" if best['layout']['vp'] > 1 else "")
+            + f" train.micro_batch_size={best['layout']['micro_batch']}"
+            + f" train.recompute={str(best['layout']['recompute']).lower()}",
+        ]
+        if result["alternatives"]:
+            lines.append("alternatives:")
+            for alt in result["alternatives"]:
+                lines.append(f"  {layout_str(alt['layout'])}: {alt['tokens_per_s_per_gpu']:.0f} tokens/s/GPU, "
+                             f"{alt['memory_gb']['total']:.1f} GB, {alt['hours_per_iteration']['total']:.2f} h/iteration")
+    lines.append("assumptions:")
+    lines += [f"  - {a}" for a in result["assumptions"]]
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="memory, throughput and hours per SPIN iteration for a model and GPU count",
+                       description="Search the TP/PP/VP/micro-batch/recompute layouts of --gpus GPUs for the config's "
+                       "model, keep those that fit in memory, rank them by predicted training tokens/s/GPU, and "
+                       "estimate hours per SPIN iteration (generation, reference pass, training). No GPU needed.")
+    add_config_args(p)
+    p.add_argument("--gpus", type=int, default=8, help="GPU count (default 8)")
+    p.add_argument("--gpu", default="h100", help="GPU type: h100, h200, a100 (default h100)")
+    p.add_argument("--tp", type=int, default=None, help="fix tensor-parallel size (with --pp) instead of searching")
+    p.add_argument("--pp", type=int, default=None, help="fix pipeline-parallel size (with --tp)")
+    p.add_argument("--vp", type=int, default=None, help="virtual pipeline stages of a fixed layout (default 1)")
+    p.add_argument("--mbs", type=int, default=None, help="micro-batch (pairs) of a fixed layout (default: config)")
+    p.add_argument("--seq-tokens", type=int, default=None,
+                   help="padded tokens per row (default: data.max_prompt_length + data.max_response_length, "
+                        "capped at model.seq_length)")
+    p.add_argument("--prompts", type=int, default=50_000, help="prompts per iteration when data.num_prompts is unset")
+    p.add_argument("--efficiency", type=float, default=None,
+                   help="achieved fraction of peak FLOP/s (default: calibrated on Megatron-Bridge's 70B FP8 run)")
+    p.add_argument("--top", type=int, default=5, help="layouts to show (best + alternatives)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
