@@ -91,9 +91,36 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Numeric recipe. Later recipes (fp8 through Transformer Engine) slot in by name."""
+    """Numeric recipe. The fp8_* fields apply with recipe=fp8 only (see spin_mcore/models/fp8.py).
 
-    recipe: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, or fp8 (Transformer Engine, GPU only).")
+    FP8 defaults follow the strongest published Llama-3-70B FP8 recipe on H100: Megatron-Bridge's
+    H100 70B pre-training preset LLAMA3_70B_PRETRAIN_CONFIG_H100_FP8_CS_V2 (TP4 PP8 VP5, GBS 256;
+    scripts/performance/configs/llama/llama3_workload_base_configs.py), whose precision is
+    bf16_with_fp8_current_scaling_mixed (src/megatron/bridge/training/mixed_precision.py): hybrid
+    format, per-tensor current scaling, first and last transformer layer in bf16, fp8 param gather.
+    The embedding and the output layer are never FP8 (Megatron's GPTModel builds its output layer as a
+    plain ColumnParallelLinear, outside Transformer Engine), and log-probs are always taken in fp32.
+    """
+
+    recipe: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, or fp8 (Transformer Engine, GPU with "
+                     "compute capability >= 8.9; bf16 weights, FP8 GEMMs inside the transformer layers).")
+    fp8_format: str = _f("hybrid", "FP8 format: hybrid (e4m3 forward, e5m2 gradients) or e4m3 (e4m3 everywhere; "
+                         "what fp8_scaling=mxfp8 usually pairs with).")
+    fp8_scaling: str = _f("current", "FP8 scaling recipe: current (per-tensor current scaling, TE "
+                          "Float8CurrentScaling), delayed (per-tensor scales from an amax history, TE "
+                          "DelayedScaling), blockwise (TE Float8BlockScaling), or mxfp8 (TE MXFP8BlockScaling, "
+                          "Blackwell, compute capability 10.x).")
+    fp8_amax_history_len: int = _f(1024, "fp8_scaling=delayed: length of the amax history window "
+                                   "(Megatron-Bridge's delayed recipe uses 1024).")
+    fp8_amax_compute_algo: str = _f("max", "fp8_scaling=delayed: scale from the max of the amax history (max) or "
+                                    "its last entry (most_recent).")
+    fp8_param: bool = _f(True, "Keep the GEMM weights as FP8 tensors (Megatron fp8_param): less memory, and the "
+                         "distributed optimizer all-gathers updated parameters in FP8. Needs "
+                         "parallel.distributed_optimizer=true.")
+    fp8_bf16_first_layers: int = _f(1, "Transformer layers at the start of the model kept in bf16 (0 = none); "
+                                    "not with fp8_scaling=delayed (Megatron refuses it).")
+    fp8_bf16_last_layers: int = _f(1, "Transformer layers at the end of the model kept in bf16 (0 = none); "
+                                   "not with fp8_scaling=delayed.")
 
 
 @dataclass
@@ -128,6 +155,19 @@ class GenerationConfig:
     overlong_prompts: str = _f("truncate", "What to do with prompts longer than the context: truncate (left) or reject.")
     trt_tp: int = _f(1, "TensorRT-LLM tensor-parallel size.")
     trt_instances: int = _f(1, "Data-parallel TensorRT-LLM / vLLM instances.")
+    python: str = _f(".venv-vllm/bin/python", "Interpreter of the engine's own environment (generation.backend=vllm): "
+                     "the worker runs as `<python> -m spin_mcore.generation.workers.vllm_worker JOB.json`; a relative "
+                     "path is resolved against the spin_mcore checkout (launch/setup_vllm.sh creates .venv-vllm).")
+    engine_max_num_seqs: int = _f(64, "Concurrent sequences of the external engine (vLLM max_num_seqs), independent of "
+                                  "generation.batch_size (the in-process engine's).")
+    engine_memory_fraction: Optional[float] = _f(None, "Memory the external engine may take, in (0, 1]. CUDA: vLLM's "
+                                                 "gpu_memory_utilization (None: 0.9). CPU: the KV cache gets this "
+                                                 "fraction of the available RAM, in whole GiB (VLLM_CPU_KVCACHE_SPACE; "
+                                                 "None: 1 GiB, enough for small models; an explicit "
+                                                 "VLLM_CPU_KVCACHE_SPACE in the environment wins).")
+    agreement_threshold: Optional[float] = _f(None, "Trainer-engine agreement: fail the iteration when the median "
+                                              "|engine log p(y') - reference log p(y')| per token exceeds this (nats). "
+                                              "None: auto by precision.recipe: 1e-3 for fp32, 0.05 for bf16/fp8.")
 
 
 @dataclass
@@ -391,12 +431,21 @@ def validate(cfg: Config) -> None:
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     _choice("precision.recipe", cfg.precision.recipe, ("auto", "fp32", "bf16", "fp8"))
+    from spin_mcore.models.fp8 import validate_fp8
+
+    validate_fp8(cfg)
     _choice("data.template", cfg.data.template, ("instruction", "chat"))
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
         raise ConfigError(f"data.heldout_fraction={cfg.data.heldout_fraction}: must be in [0, 1)")
     g = cfg.generation
     _choice("generation.backend", g.backend, ("megatron", "trtllm", "vllm"))
     _choice("generation.overlong_prompts", g.overlong_prompts, ("truncate", "reject"))
+    if g.engine_max_num_seqs < 1:
+        raise ConfigError(f"generation.engine_max_num_seqs={g.engine_max_num_seqs}: must be >= 1")
+    if g.engine_memory_fraction is not None and not 0 < g.engine_memory_fraction <= 1:
+        raise ConfigError(f"generation.engine_memory_fraction={g.engine_memory_fraction}: must be in (0, 1]")
+    if g.agreement_threshold is not None and not g.agreement_threshold > 0:
+        raise ConfigError(f"generation.agreement_threshold={g.agreement_threshold}: must be > 0")
     if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0 or g.max_new_tokens < 1 or g.num_samples < 1:
         raise ConfigError(
             f"generation: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, num_samples >= 1 "

