@@ -92,11 +92,13 @@ def launched(environ=None) -> bool:
     return in_job_step(env) and env.get("SLURM_NTASKS", "1") != "1"
 
 
-def run_local(fn: Callable, nprocs: int, *args: Any, timeout: float = 1800.0, env: dict | None = None) -> list:
+def run_local(fn: Callable, nprocs: int, *args: Any, timeout: float = 1800.0, env: dict | None = None,
+              threads: int | None = None) -> list:
     """Run ``fn(*args)`` on ``nprocs`` fresh processes; return their results ordered by rank.
 
     ``fn`` must be importable (module-level). With ``nprocs == 1`` it still runs in
-    a child process so Megatron's global state never leaks into the caller.
+    a child process so Megatron's global state never leaks into the caller. ``threads``: intra-op
+    threads per rank (default: this machine's cores shared out among the ranks).
     Raises :class:`WorkerError` with the first failing rank's traceback, and
     :class:`~spin_mcore.platform.preemption.Preempted` when the ranks stopped on
     SIGUSR1/SIGTERM. Called from the main thread, it forwards those two signals
@@ -105,7 +107,7 @@ def run_local(fn: Callable, nprocs: int, *args: Any, timeout: float = 1800.0, en
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    threads = max(1, (os.cpu_count() or 1) // nprocs)
+    threads = threads or max(1, (os.cpu_count() or 1) // nprocs)
     procs = [ctx.Process(target=_worker, args=(r, nprocs, port, fn, args, results, threads, dict(env or {})))
              for r in range(nprocs)]
     outputs: dict[int, Any] = {}

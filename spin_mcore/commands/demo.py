@@ -16,12 +16,18 @@ def _demo_rank(out: str, size: str, seed: int, force: bool, overrides: list) -> 
 
 def run(args) -> int:
     from spin_mcore.launcher import launched, run_local
+    from spin_mcore.platform.cpu_numerics import pin_cpu_numerics, pinned_threads
 
     args.log_dir = args.out  # cli.main writes a rank's traceback there
+    # The README quotes this run's table: the same kernels and threads on any x86-64 machine.
+    pinned = pin_cpu_numerics()
     if launched():
         result = _demo_rank(args.out, args.size, args.seed, args.force, args.overrides)
     else:
-        result = run_local(_demo_rank, args.nproc, args.out, args.size, args.seed, args.force, args.overrides)[0]
+        result = run_local(_demo_rank, args.nproc, args.out, args.size, args.seed, args.force, args.overrides,
+                           threads=pinned_threads(args.nproc))[0]
+    print(f"demo numerics: {', '.join(f'{k}={v}' for k, v in pinned.items())}, "
+          f"{pinned_threads(args.nproc)} thread(s) per rank")
     rows = {r["model"]: r for r in result["rows"]}
     spin_last = [r for name, r in rows.items() if name.startswith("SPIN")][-1]
     base, ctrl, ctrl_opt = rows["SFT (theta_0)"], rows["continued SFT"], rows["continued SFT, SPIN optimizer"]
