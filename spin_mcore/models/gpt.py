@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from spin_mcore.config import ConfigError, ModelConfig, PrecisionConfig
+from spin_mcore.models.fp8 import fp8_transformer_kwargs, require_fp8_hardware
 from spin_mcore.models.rope import apply_rope_scaling
 
 
@@ -65,8 +66,8 @@ def build_transformer_config(model: ModelConfig, tp: int, pp: int, precision: Pr
 
     dtype = params_dtype(precision, gpu)
     fused = use_fused_kernels(fused_kernels, gpu)
-    if precision.recipe == "fp8" and not gpu:
-        raise ConfigError("precision.recipe=fp8 needs a CUDA GPU with Transformer Engine")
+    # Hardware check before any model is built: capability >= 8.9 (10.x for mxfp8) and TE importable.
+    require_fp8_hardware(precision, gpu)
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -112,8 +113,8 @@ def build_transformer_config(model: ModelConfig, tp: int, pp: int, precision: Pr
         kwargs.update(overlap_p2p_comm=True, batch_p2p_comm=False)
     if recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if precision.recipe == "fp8":
-        kwargs.update(fp8="hybrid", fp8_recipe="delayed")
+    # FP8 format, scaling recipe, FP8 params, bf16 edge layers (spin_mcore/models/fp8.py).
+    kwargs.update(fp8_transformer_kwargs(precision))
     return TransformerConfig(**kwargs)
 
 

@@ -1,0 +1,164 @@
+"""FP8 through Transformer Engine: the config checks, Megatron's FP8 kwargs, TE's recipe, the hardware check.
+
+Three pure functions, testable without a GPU:
+
+* :func:`validate_fp8` checks the ``precision.fp8_*`` fields (called by ``config.validate``);
+* :func:`fp8_transformer_kwargs` turns them into Megatron ``TransformerConfig`` kwargs;
+* :func:`te_recipe_spec` names the Transformer Engine recipe class and the arguments Megatron-Core
+  0.16.1 builds it with (``megatron/core/fp8_utils.py::get_fp8_recipe``), so a CPU test can check
+  what the GPU run will construct;
+* :func:`check_fp8_hardware` takes ``(compute capability, TE importable)`` and raises a
+  ConfigError naming ``precision.recipe`` / ``precision.fp8_scaling`` and the hardware found.
+
+:func:`require_fp8_hardware` reads the real device and runs the check; ``build_transformer_config``
+calls it before any model is built.
+
+What stays in higher precision whatever the recipe: the embedding and the output layer (Megatron's
+GPTModel output layer is a ``tensor_parallel.ColumnParallelLinear``, not a TE module, so no FP8
+autocast reaches it), the first/last ``fp8_bf16_*_layers`` transformer layers, and the sequence
+log-probs, which :func:`spin_mcore.training.step.sequence_logps` (fused kernel or chunked backends of
+:mod:`spin_mcore.logprobs`) always accumulates in fp32 from the bf16 logits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from spin_mcore.config import ConfigError
+
+FORMATS = ("hybrid", "e4m3")
+SCALINGS = ("current", "delayed", "blockwise", "mxfp8")
+# Our names -> Megatron-Core 0.16.1 ``TransformerConfig.fp8_recipe`` (megatron/core/enums.py Fp8Recipe).
+MEGATRON_RECIPE = {"current": "tensorwise", "delayed": "delayed", "blockwise": "blockwise", "mxfp8": "mxfp8"}
+# TE class per recipe (transformer_engine.common.recipe), as megatron/core/fp8_utils.py picks it.
+TE_RECIPE_CLASS = {"current": "Float8CurrentScaling", "delayed": "DelayedScaling",
+                   "blockwise": "Float8BlockScaling", "mxfp8": "MXFP8BlockScaling"}
+# Minimum compute capability: FP8 tensor cores arrive with Ada/Hopper (8.9 / 9.0); MX block scaling
+# in hardware with Blackwell (10.x).
+MIN_CAPABILITY = {"current": (8, 9), "delayed": (8, 9), "blockwise": (8, 9), "mxfp8": (10, 0)}
+
+
+def validate_fp8(cfg) -> None:
+    """Check the ``precision`` section's FP8 fields (whatever the recipe, so a typo never waits for a GPU)."""
+    p = cfg.precision
+    if p.fp8_format not in FORMATS:
+        raise ConfigError(f"precision.fp8_format={p.fp8_format!r}: must be one of {', '.join(FORMATS)}")
+    if p.fp8_scaling not in SCALINGS:
+        raise ConfigError(f"precision.fp8_scaling={p.fp8_scaling!r}: must be one of {', '.join(SCALINGS)}")
+    if p.fp8_amax_compute_algo not in ("max", "most_recent"):
+        raise ConfigError(f"precision.fp8_amax_compute_algo={p.fp8_amax_compute_algo!r}: must be one of max, "
+                          "most_recent")
+    if p.fp8_amax_history_len < 1:
+        raise ConfigError(f"precision.fp8_amax_history_len={p.fp8_amax_history_len}: must be >= 1")
+    for name in ("fp8_bf16_first_layers", "fp8_bf16_last_layers"):
+        if getattr(p, name) < 0:
+            raise ConfigError(f"precision.{name}={getattr(p, name)}: must be >= 0")
+    if p.recipe != "fp8":
+        return
+    device = getattr(getattr(cfg, "platform", None), "device", "auto")
+    if device == "cpu":
+        raise ConfigError("precision.recipe=fp8 needs a CUDA GPU with compute capability >= 8.9 and Transformer "
+                          "Engine; platform.device=cpu has none (use precision.recipe=fp32 or bf16 on CPU)")
+    bf16_edges = p.fp8_bf16_first_layers + p.fp8_bf16_last_layers
+    if p.fp8_scaling == "delayed" and bf16_edges:
+        raise ConfigError(f"precision.fp8_scaling=delayed keeps no layers in bf16 (Megatron refuses first/last "
+                          f"layers in bf16 with delayed scaling): set precision.fp8_bf16_first_layers=0 and "
+                          f"precision.fp8_bf16_last_layers=0 (got {p.fp8_bf16_first_layers}, {p.fp8_bf16_last_layers})")
+    per_stage = cfg.model.num_layers // max(cfg.parallel.pp, 1)
+    for name in ("fp8_bf16_first_layers", "fp8_bf16_last_layers"):
+        if getattr(p, name) > per_stage:
+            raise ConfigError(f"precision.{name}={getattr(p, name)} exceeds the layers per pipeline stage "
+                              f"(model.num_layers / parallel.pp = {per_stage}; Megatron's limit)")
+    if p.fp8_param and not cfg.parallel.distributed_optimizer:
+        raise ConfigError("precision.fp8_param=true needs parallel.distributed_optimizer=true (FP8 parameters are "
+                          "all-gathered by the distributed optimizer); or set precision.fp8_param=false")
+
+
+def fp8_transformer_kwargs(precision) -> dict:
+    """Megatron ``TransformerConfig`` kwargs of ``precision`` (empty unless ``recipe == "fp8"``).
+
+    Field names and meanings: megatron/core/transformer/transformer_config.py (0.16.1): ``fp8``
+    (format), ``fp8_recipe``, ``fp8_param``, ``fp8_amax_history_len`` / ``fp8_amax_compute_algo``
+    (read only by the delayed recipe, TEDelayedScaling), ``first_last_layers_bf16`` with
+    ``num_layers_at_start_in_bf16`` / ``num_layers_at_end_in_bf16``.
+    """
+    if precision.recipe != "fp8":
+        return {}
+    kwargs = dict(fp8=precision.fp8_format, fp8_recipe=MEGATRON_RECIPE[precision.fp8_scaling],
+                  fp8_param=bool(precision.fp8_param))
+    if precision.fp8_scaling == "delayed":
+        kwargs.update(fp8_margin=0, fp8_amax_history_len=precision.fp8_amax_history_len,
+                      fp8_amax_compute_algo=precision.fp8_amax_compute_algo)
+    first, last = precision.fp8_bf16_first_layers, precision.fp8_bf16_last_layers
+    if first or last:
+        kwargs.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=first, num_layers_at_end_in_bf16=last)
+    return kwargs
+
+
+def te_recipe_spec(precision) -> Optional[tuple[str, dict]]:
+    """``(TE class name in transformer_engine.common.recipe, its constructor kwargs)``, or None without fp8.
+
+    Mirrors what megatron/core/fp8_utils.py ``get_fp8_recipe`` constructs from
+    :func:`fp8_transformer_kwargs` (TE >= 2.3 for blockwise, >= 2.2 for current scaling); the format is
+    the name of a ``transformer_engine.common.recipe.Format`` member. Where TE is importable,
+    :func:`build_te_recipe` turns the spec into the object.
+    """
+    if precision.recipe != "fp8":
+        return None
+    fmt = precision.fp8_format.upper()  # Format.HYBRID / Format.E4M3
+    name = TE_RECIPE_CLASS[precision.fp8_scaling]
+    if precision.fp8_scaling == "delayed":
+        # Megatron's TEDelayedScaling subclass passes these from the TransformerConfig (fp8_wgrad stays
+        # on, so its override_linear_precision is TE's default and is left out here).
+        return name, dict(fp8_format=fmt, margin=0, amax_history_len=precision.fp8_amax_history_len,
+                          amax_compute_algo=precision.fp8_amax_compute_algo)
+    if precision.fp8_scaling == "current":
+        return name, dict(fp8_format=fmt, fp8_dpa=False)  # fp8_dot_product_attention stays off
+    return name, dict(fp8_format=fmt)
+
+
+def build_te_recipe(precision):
+    """The Transformer Engine recipe object of :func:`te_recipe_spec` (needs TE; GPU runs only)."""
+    spec = te_recipe_spec(precision)
+    if spec is None:
+        return None
+    from transformer_engine.common import recipe as te_recipe
+
+    name, kwargs = spec
+    kwargs = dict(kwargs, fp8_format=getattr(te_recipe.Format, kwargs["fp8_format"]))
+    return getattr(te_recipe, name)(**kwargs)
+
+
+def check_fp8_hardware(precision, capability: Optional[tuple[int, int]], te_available: bool) -> None:
+    """Refuse an FP8 recipe the hardware cannot run; no-op for the other recipes.
+
+    capability: ``torch.cuda.get_device_capability()`` of this rank's device, or None without CUDA.
+    """
+    if precision.recipe != "fp8":
+        return
+    scaling = precision.fp8_scaling
+    if capability is None:
+        raise ConfigError("precision.recipe=fp8 needs a CUDA GPU (compute capability >= 8.9) with Transformer "
+                          "Engine; found no CUDA device (use precision.recipe=bf16 or fp32)")
+    found = f"compute capability {capability[0]}.{capability[1]}"
+    if scaling == "mxfp8" and capability[0] != 10:
+        raise ConfigError(f"precision.fp8_scaling=mxfp8 needs a Blackwell GPU (compute capability 10.x); found "
+                          f"{found} (use precision.fp8_scaling=current on Hopper)")
+    if tuple(capability) < MIN_CAPABILITY[scaling]:
+        raise ConfigError(f"precision.recipe=fp8 needs compute capability >= 8.9 (Ada, Hopper or newer); found "
+                          f"{found} (use precision.recipe=bf16)")
+    if not te_available:
+        raise ConfigError(f"precision.recipe=fp8 needs Transformer Engine, which is not importable on this {found} "
+                          "GPU: pip install 'spin_mcore[gpu]'")
+
+
+def require_fp8_hardware(precision, gpu: bool) -> None:
+    """:func:`check_fp8_hardware` on this process's current CUDA device (before any model is built)."""
+    if precision.recipe != "fp8":
+        return
+    import torch
+
+    from spin_mcore.models.gpt import have_transformer_engine
+
+    capability = torch.cuda.get_device_capability() if gpu and torch.cuda.is_available() else None
+    check_fp8_hardware(precision, capability, have_transformer_engine())
