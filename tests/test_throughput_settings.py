@@ -128,6 +128,27 @@ def test_ddp_and_optimizer_config_carry_the_overlaps():
     assert o.overlap_param_gather is True and o.use_distributed_optimizer is True
 
 
+def test_pad_to_longest_row_lengths():
+    from spin_mcore.training.batches import Example, collate, pad_multiple, pad_to_length, padded_length
+
+    assert pad_multiple(load_config(overrides=["train.pad_to_longest=false"])) is None
+    assert pad_multiple(load_config(overrides=[])) == 16
+    # sequence parallelism splits the sequence over TP: the multiple is also one of tp
+    assert pad_multiple(load_config(overrides=["parallel.tp=3", "model.num_attention_heads=6", "model.num_query_groups=3",
+                                               "model.hidden_size=96", "parallel.sequence_parallel=true"])) == 48
+    assert [padded_length(n, 40, 16) for n in (1, 16, 17, 33, 40)] == [16, 16, 32, 40, 40]  # capped at seq_length
+    assert padded_length(5, 40, None) == 40
+    ex = [Example([5, 6, 7], [8, 9], [10], 1.0, 2.0), Example([3] * 20, [4] * 3, [11, 12], -1.0, -2.0)]
+    b = collate(ex, seq_len=64, objective="spin", multiple=16)
+    assert b["tokens"].shape == (4, 32) and b["position_ids"][0].tolist() == list(range(32))  # longest row: 22
+    fixed = collate(ex, seq_len=64, objective="spin")
+    assert fixed["tokens"].shape == (4, 64) and torch.equal(fixed["tokens"][:, :32], b["tokens"])
+    assert torch.equal(fixed["loss_mask"][:, 32:], torch.zeros(4, 32)) and b["num_tokens"] == fixed["num_tokens"]
+    wide = pad_to_length(b, 64)
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        assert torch.equal(wide[key], fixed[key]), key
+
+
 # ----------------------------------------------------------------------------- single-process runs
 
 
