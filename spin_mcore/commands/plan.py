@@ -47,7 +47,8 @@ def run(args) -> int:
                        micro_batch=args.mbs or cfg.train.micro_batch_size, global_batch=cfg.train.global_batch_size,
                        seq=seq, recompute=cfg.train.recompute, sequence_parallel=args.tp > 1)
     result = plan(shape, args.gpus, gpu, precision, cfg.train.optimizer, cfg.train.global_batch_size, seq,
-                  args.efficiency or DEFAULT_EFFICIENCY, work, cfg.generation.backend, fixed=fixed, top=args.top)
+                  args.efficiency or DEFAULT_EFFICIENCY, work, cfg.generation.backend, fixed=fixed, top=args.top,
+                  min_headroom_gb=args.min_headroom_gb)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -117,6 +118,8 @@ def register(sub) -> None:
     p.add_argument("--prompts", type=int, default=50_000, help="prompts per iteration when data.num_prompts is unset")
     p.add_argument("--efficiency", type=float, default=None,
                    help="achieved fraction of peak FLOP/s (default: calibrated on Megatron-Bridge's 70B FP8 run)")
+    p.add_argument("--min-headroom-gb", type=float, default=4.0,
+                   help="memory a layout must leave free beyond the 4 GB reserve to count as fitting (default 4)")
     p.add_argument("--top", type=int, default=5, help="layouts to show (best + alternatives)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)

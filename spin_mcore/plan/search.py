@@ -72,14 +72,15 @@ def _divisors(n: int) -> list[int]:
 
 def enumerate_layouts(shape: ModelShape, gpus: int, global_batch: int, seq: int, gpu: GPU,
                       micro_batches=(1, 2, 4), max_vp: int = 10, rows_per_sample: int = 2,
-                      allow_cp: bool = False) -> list[Layout]:
+                      allow_cp: bool = False, max_pp: int = 16) -> list[Layout]:
     """All layouts Megatron (and spin_mcore's config validation) accepts: TP within a node dividing heads
     and query groups, PP dividing the layers, VP with layers divisible by PP x VP and micro-batches a
-    multiple of PP, DP = gpus / (TP PP), global batch divisible by micro-batch x DP; recompute on and off."""
+    multiple of PP, DP = gpus / (TP PP), global batch divisible by micro-batch x DP; recompute on and off.
+    ``max_pp=1`` when the in-process engine generates at the training layout (it refuses PP > 1)."""
     out = []
     for tp in [t for t in _divisors(gpu.gpus_per_node) if shape.num_attention_heads % t == 0
                and shape.num_query_groups % t == 0]:
-        for pp in [p for p in _divisors(shape.num_layers) if p <= 16]:
+        for pp in [p for p in _divisors(shape.num_layers) if p <= max_pp]:
             cps = [c for c in (1, 2) if allow_cp] or [1]
             for cp in cps:
                 if gpus % (tp * pp * cp):
@@ -101,14 +102,15 @@ def enumerate_layouts(shape: ModelShape, gpus: int, global_batch: int, seq: int,
 
 
 def rank_layouts(shape: ModelShape, layouts: list[Layout], precision: Precision, optimizer: str, gpu: GPU,
-                 efficiency: float, reserved_gb: float = 4.0) -> tuple[list[Candidate], list[Candidate]]:
-    """(layouts that fit, fastest first; those that do not)."""
+                 efficiency: float, reserved_gb: float = 4.0,
+                 min_headroom_gb: float = 0.0) -> tuple[list[Candidate], list[Candidate]]:
+    """(layouts that fit with ``min_headroom_gb`` to spare, fastest first; those that do not)."""
     fit, over = [], []
     for lay in layouts:
         mem = memory_per_gpu(shape, lay, precision, optimizer, gpu.memory_gb, reserved_gb)
         st = step_time(shape, lay, precision, gpu, efficiency)
         cand = Candidate(lay, mem, st, st.tokens_per_s_per_gpu(lay.gpus))
-        (fit if mem.fits else over).append(cand)
+        (fit if mem.headroom >= min_headroom_gb * 1e9 else over).append(cand)
     fit.sort(key=lambda c: -c.tokens_per_s_per_gpu)
     return fit, over
 
@@ -148,16 +150,18 @@ def iteration_hours(shape: ModelShape, cand: Candidate, work: SpinWorkload, prec
 
 def plan(shape: ModelShape, gpus: int, gpu: GPU, precision: Precision, optimizer: str, global_batch: int,
          seq: int, efficiency: float, work: SpinWorkload, backend: str, fixed: Optional[Layout] = None,
-         top: int = 5, reserved_gb: float = 4.0) -> dict:
+         top: int = 5, reserved_gb: float = 4.0, min_headroom_gb: float = 4.0) -> dict:
     """The planner's answer as a plain dict (the command prints it or dumps it as JSON)."""
-    layouts = [fixed] if fixed is not None else enumerate_layouts(shape, gpus, global_batch, seq, gpu)
-    fit, over = rank_layouts(shape, layouts, precision, optimizer, gpu, efficiency, reserved_gb)
+    # The in-process engine generates at the training layout and refuses PP > 1 (commands/run.py).
+    max_pp = 1 if backend == "megatron" else 16
+    layouts = [fixed] if fixed is not None else enumerate_layouts(shape, gpus, global_batch, seq, gpu, max_pp=max_pp)
+    fit, over = rank_layouts(shape, layouts, precision, optimizer, gpu, efficiency, reserved_gb, min_headroom_gb)
     rows = []
     for cand in (fit[:top] if fit else []):
         hours = iteration_hours(shape, cand, work, precision, gpu, efficiency, backend)
         rows.append(_row(cand, hours))
     result = dict(best=rows[0] if rows else None, alternatives=rows[1:], fits=len(fit), considered=len(layouts),
-                  assumptions=_assumptions(gpu, efficiency, precision, work, seq))
+                  assumptions=_assumptions(gpu, efficiency, precision, work, seq, min_headroom_gb))
     if not fit:
         closest = min(over, key=lambda c: -c.memory.headroom) if over else None
         result["closest_over"] = _row(closest, None) if closest else None
@@ -180,7 +184,8 @@ def _row(cand: Candidate, hours: Optional[IterationHours]) -> dict:
     return row
 
 
-def _assumptions(gpu: GPU, efficiency: float, precision: Precision, work: SpinWorkload, seq: int) -> list[str]:
+def _assumptions(gpu: GPU, efficiency: float, precision: Precision, work: SpinWorkload, seq: int,
+                 min_headroom_gb: float) -> list[str]:
     return [
         f"{gpu.name}: {gpu.bf16_tflops:.0f} bf16 / {gpu.fp8_tflops:.0f} fp8 dense TFLOP/s, achieved fraction "
         f"{efficiency:.3f} (calibrated on Megatron-Bridge Llama-3-70B FP8, 64xH100, 1,664 tokens/s/GPU)",
@@ -195,5 +200,8 @@ def _assumptions(gpu: GPU, efficiency: float, precision: Precision, work: SpinWo
         f"precision {precision.recipe}" + (f" (fp8_param={precision.fp8_param}, bf16 edge layers "
                                            f"{precision.fp8_bf16_first_layers}+{precision.fp8_bf16_last_layers})"
                                            if precision.recipe == "fp8" else ""),
-        "memory: 4 GB reserved for CUDA context, NCCL and fragmentation",
+        "generation.backend=megatron: layouts limited to PP 1 (the in-process engine generates at the training "
+        "layout and refuses PP > 1); trtllm/vllm engines run apart, so any training layout",
+        f"memory: 4 GB reserved for CUDA context, NCCL and fragmentation; a layout fits with "
+        f"{min_headroom_gb:g} GB more to spare (the activation model is not measured on a GPU yet)",
     ]
