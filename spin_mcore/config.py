@@ -230,6 +230,36 @@ class RunConfig:
 
 
 @dataclass
+class VerifyConfig:
+    """The verifier of verifier-based loops (restem, rpo, star): spin_mcore/selfimprove/verifiers.py."""
+
+    kind: Optional[str] = _f(None, "exact, numeric, regex, python_tests, arith (the demo's checker), or MODULE:ATTR "
+                             "(a plug-in: a Verifier class or a factory taking this section).")
+    answer_field: str = _f("answer", "Field of each data record holding the reference (answer, or test code for "
+                           "python_tests); records without it cannot be verified and are refused.")
+    tolerance: float = _f(1e-6, "numeric: absolute tolerance |x - reference|.")
+    pattern: Optional[str] = _f(None, "regex (required) / numeric (optional): regular expression whose group 1 is the "
+                                "answer; the last match counts.")
+    timeout_s: float = _f(5.0, "python_tests: wall-clock limit per sample (also RLIMIT_CPU); past it the sample fails.")
+    memory_mb: int = _f(512, "python_tests: address-space limit (RLIMIT_AS) of the sandboxed process, MiB.")
+
+
+@dataclass
+class SelfImproveConfig:
+    """Verifier-based loops: ReST^EM, Iterative RPO, STaR (spin_mcore/selfimprove/)."""
+
+    num_samples: int = _f(4, "K samples per training prompt from theta_t (E-step / RPO / STaR sampling).")
+    keep_threshold: float = _f(1.0, "ReST^EM: keep samples whose reward (1 correct, 0 not) is >= this.")
+    max_per_prompt: int = _f(4, "ReST^EM/STaR: at most this many kept samples per prompt (distinct, first by sample index).")
+    restart_from_base: bool = _f(True, "ReST^EM/STaR: fine-tune theta_0 every iteration (the papers); false continues "
+                                 "from theta_t.")
+    hint_template: str = _f(" (Hint: the answer is {answer}.)", "STaR rationalization: appended to a failed prompt's "
+                            "text for generation only ({answer} is the reference); never in training data.")
+    min_distinct_2: float = _f(0.2, "Collapse watch: warn when distinct-2 of the samples (unique token bigrams / all) "
+                               "falls below this.")
+
+
+@dataclass
 class PlatformConfig:
     """Where the ranks run and how they meet (see spin_mcore/platform/distributed.py)."""
 
@@ -252,6 +282,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     platform: PlatformConfig = field(default_factory=PlatformConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    selfimprove: SelfImproveConfig = field(default_factory=SelfImproveConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -469,6 +501,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}")
     if not 0.0 <= t.warmup_fraction < 1.0:
         raise ConfigError(f"train.warmup_fraction={t.warmup_fraction}: must be in [0, 1)")
+    si = cfg.selfimprove
+    if si.num_samples < 1 or si.max_per_prompt < 1:
+        raise ConfigError(f"selfimprove.num_samples={si.num_samples}, selfimprove.max_per_prompt={si.max_per_prompt}: "
+                          "must be >= 1")
+    if "{answer}" not in si.hint_template:
+        raise ConfigError(f"selfimprove.hint_template={si.hint_template!r}: must contain {{answer}}")
     if cfg.run.iterations < 1:
         raise ConfigError(f"run.iterations={cfg.run.iterations}: must be >= 1")
     _choice("platform.device", cfg.platform.device, ("auto", "cuda", "cpu"))

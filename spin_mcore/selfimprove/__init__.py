@@ -1,0 +1,1 @@
+"""Verifier-based self-improvement on the SPIN stack: verifiers, ReST^EM, Iterative RPO, STaR."""
