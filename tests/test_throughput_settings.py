@@ -85,8 +85,11 @@ def test_fused_kernels_on_gpu_with_transformer_engine(monkeypatch):
     monkeypatch.setattr(gpt, "have_transformer_engine", lambda: True)
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", lambda *a, **k: None)
     for setting in ("auto", "on"):
-        c = _tconfig(gpu=True, fused_kernels=setting)
+        c = _tconfig(gpu=True, fused_kernels=setting, for_ddp=True)
         assert all(getattr(c, f) is True for f in FUSIONS), {f: getattr(c, f) for f in FUSIONS}
+    # a model not wrapped in DDP has no main_grad to accumulate into: every other fusion stays on
+    c = _tconfig(gpu=True, fused_kernels="auto")
+    assert [f for f in FUSIONS if not getattr(c, f)] == ["gradient_accumulation_fusion"]
     c = _tconfig(gpu=True, fused_kernels="off")
     assert not any(getattr(c, f) for f in FUSIONS)
 

@@ -54,10 +54,12 @@ def use_fused_kernels(setting: str, gpu: bool) -> bool:
 def build_transformer_config(model: ModelConfig, tp: int, pp: int, precision: PrecisionConfig,
                              gpu: bool, recompute: bool = False, sequence_parallel: bool = False, *,
                              fused_kernels: str = "off", perform_initialization: bool = True,
-                             vp_size: Optional[int] = None):
+                             vp_size: Optional[int] = None, for_ddp: bool = False):
     """Megatron ``TransformerConfig`` for the Llama/Mistral architecture.
 
-    ``fused_kernels``: ``train.fused_kernels`` (see :func:`use_fused_kernels`).
+    ``fused_kernels``: ``train.fused_kernels`` (see :func:`use_fused_kernels`). Gradient-accumulation
+    fusion also needs ``for_ddp``: it writes weight grads into Megatron DDP's ``main_grad`` buffers,
+    which only a DDP-wrapped (training) model has.
     ``perform_initialization=False`` leaves the weights uninitialised (``torch.empty``): only for a
     model whose every parameter a checkpoint load overwrites next (the loaders check that).
     ``vp_size``: virtual pipeline stages per pipeline rank (None = no interleaving).
@@ -95,15 +97,13 @@ def build_transformer_config(model: ModelConfig, tp: int, pp: int, precision: Pr
         bf16=dtype == torch.bfloat16,
         perform_initialization=perform_initialization,
         virtual_pipeline_model_parallel_size=vp_size,
-        # Fused kernels: CUDA + Transformer Engine only (use_fused_kernels). Gradient-accumulation
-        # fusion writes weight grads straight into Megatron DDP's main_grad, which every trained
-        # model has (setup_model wraps in DDP); forward-only models never run a backward.
+        # Fused kernels: CUDA + Transformer Engine only (use_fused_kernels).
         bias_activation_fusion=fused,
         bias_dropout_fusion=fused,
         masked_softmax_fusion=fused,
         apply_rope_fusion=fused,
         persist_layer_norm=fused,
-        gradient_accumulation_fusion=fused,
+        gradient_accumulation_fusion=fused and for_ddp,
         deallocate_pipeline_outputs=False,
     )
     if vp_size is not None:
@@ -149,7 +149,7 @@ def build_layer_spec(gpu: bool, precision: PrecisionConfig):
 def build_gpt_model(model: ModelConfig, pstate, precision: PrecisionConfig, recompute: bool = False,
                     sequence_parallel: bool = False, *, fused_kernels: str = "off",
                     perform_initialization: bool = True, vp_stage: Optional[int] = None,
-                    vp_size: Optional[int] = None):
+                    vp_size: Optional[int] = None, for_ddp: bool = False):
     """This rank's pipeline stage of the policy, on ``pstate.device``.
 
     Forward: ``model(input_ids [b, s] int64, position_ids [b, s], attention_mask=None)``
@@ -162,7 +162,7 @@ def build_gpt_model(model: ModelConfig, pstate, precision: PrecisionConfig, reco
     gpu = pstate.device.type == "cuda"
     config = build_transformer_config(model, pstate.tp, pstate.pp, precision, gpu, recompute, sequence_parallel,
                                       fused_kernels=fused_kernels, perform_initialization=perform_initialization,
-                                      vp_size=vp_size)
+                                      vp_size=vp_size, for_ddp=for_ddp)
     # With virtual stages, only chunk 0 of the first rank embeds and only the last chunk of the last rank
     # has the output layer (Megatron's is_pipeline_first/last_stage(ignore_virtual=False)).
     first_chunk = vp_stage is None or vp_stage == 0

@@ -58,7 +58,7 @@ def setup_model(cfg, pstate, init_checkpoint: Optional[str] = None, wrap_ddp: bo
     # would be wasted work; without one the seeded init is the model.
     model = build_gpt_chunks(cfg.model, pstate, cfg.precision, cfg.parallel.vp, recompute=cfg.train.recompute,
                              sequence_parallel=cfg.parallel.sequence_parallel, fused_kernels=cfg.train.fused_kernels,
-                             perform_initialization=not init_checkpoint)
+                             perform_initialization=not init_checkpoint, for_ddp=wrap_ddp)
     if init_checkpoint:
         from spin_mcore.models.checkpoint import is_model_checkpoint, load_model_checkpoint
 
