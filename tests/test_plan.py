@@ -213,3 +213,28 @@ def test_plan_command_refuses_bad_layout(capsys):
 
     assert main(["plan", "model.preset=llama3-70b", "--gpus", "64", "--tp", "3", "--pp", "1"]) == 1
     assert "--gpus 64 is not divisible" in capsys.readouterr().err
+
+
+def test_measure_data_lengths(tmp_path):
+    from tests.helpers import SHIPPED_DATA, TINY_VOCAB
+
+    from spin_mcore.commands.plan import measure_lengths
+    from spin_mcore.config import load_config
+    from spin_mcore.data.prepare import prepare_sft_data
+    from spin_mcore.data.templates import format_prompt
+    from spin_mcore.data.tokenizer import train_sentencepiece
+
+    lines = SHIPPED_DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:200]
+    (tmp_path / "d.jsonl").write_text("".join(lines), encoding="utf-8")
+    recs = [json.loads(line) for line in lines]
+    tok = train_sentencepiece([format_prompt(r["prompt"], "instruction") + r["response"] for r in recs],
+                              tmp_path / "tok", vocab_size=TINY_VOCAB, seed=0)
+    cfg = load_config(overrides=["model.preset=tiny", f"model.vocab_size={TINY_VOCAB}", f"data.path={tmp_path / 'd.jsonl'}",
+                                 f"data.tokenizer={tok}", "train.micro_batch_size=1"])
+    seq, mean_resp = measure_lengths(cfg, draws=500)
+    prompts = prepare_sft_data(cfg.data).train
+    rows = [len(p.prompt_ids) + len(p.response_ids) for p in prompts]
+    assert mean_resp == round(sum(len(p.response_ids) for p in prompts) / len(prompts))
+    # Each draw is a row length rounded up to 16: between the shortest row and the longest rounded up.
+    assert min(rows) <= seq <= -(-max(rows) // 16) * 16
+    assert seq < cfg.model.seq_length

@@ -11,6 +11,7 @@ assumptions (spin_mcore/plan/*); the output lists them.
 from __future__ import annotations
 
 import json
+import sys
 
 from spin_mcore.commands.common import add_config_args, split_config_and_overrides
 
@@ -33,9 +34,13 @@ def run(args) -> int:
     if precision.recipe == "fp8" and gpu.fp8_tflops <= 0:
         raise ConfigError(f"precision.recipe=fp8: --gpu {args.gpu} ({gpu.name}) has no FP8 tensor cores")
     seq = args.seq_tokens or min(cfg.model.seq_length, cfg.data.max_prompt_length + cfg.data.max_response_length)
+    new_tokens = cfg.generation.max_new_tokens
+    if args.measure_data:
+        seq, new_tokens = measure_lengths(cfg)
+        print(f"spin-mcore plan: measured from {cfg.data.path}: padded row length {seq} tokens, mean response "
+              f"{new_tokens} tokens", file=sys.stderr)
     work = SpinWorkload(prompts=cfg.data.num_prompts or args.prompts, keep_previous=cfg.spin.keep_previous_iteration,
-                        epochs=cfg.train.epochs, samples=cfg.generation.num_samples,
-                        new_tokens=cfg.generation.max_new_tokens)
+                        epochs=cfg.train.epochs, samples=cfg.generation.num_samples, new_tokens=new_tokens)
     fixed = None
     given = [args.tp, args.pp]
     if any(v is not None for v in given):
@@ -54,6 +59,34 @@ def run(args) -> int:
     else:
         print(format_plan(result, args.gpus, gpu.name))
     return 0 if result["best"] else 1
+
+
+def measure_lengths(cfg, draws: int = 2000) -> tuple[int, int]:
+    """(expected padded row length, mean response length) of ``cfg.data`` tokenised as training sees it.
+
+    A micro-batch of ``train.micro_batch_size`` pairs has 2 x that many rows; each is padded to the
+    longest, rounded up to 16 (``train.pad_to_longest``). The opponent's answer y' is not known before
+    generation: it is assumed as long as a human answer drawn at random (an assumption). Seeded draws.
+    """
+    import random
+
+    from spin_mcore.config import ConfigError
+    from spin_mcore.data.prepare import prepare_sft_data
+
+    if not cfg.data.path or not cfg.data.tokenizer:
+        raise ConfigError("--measure-data needs data.path and data.tokenizer")
+    prompts = prepare_sft_data(cfg.data).train
+    rng = random.Random(cfg.train.seed)
+    responses = [len(p.response_ids) for p in prompts]
+    rows = 2 * cfg.train.micro_batch_size
+    total = 0
+    for _ in range(draws):
+        longest = 0
+        for _ in range(rows // 2):
+            p = rng.choice(prompts)
+            longest = max(longest, len(p.prompt_ids) + max(len(p.response_ids), rng.choice(responses)))
+        total += min(cfg.model.seq_length, -(-longest // 16) * 16)
+    return round(total / draws), round(sum(responses) / len(responses))
 
 
 def format_plan(result: dict, gpus: int, gpu_name: str) -> str:
@@ -115,6 +148,9 @@ def register(sub) -> None:
     p.add_argument("--seq-tokens", type=int, default=None,
                    help="padded tokens per row (default: data.max_prompt_length + data.max_response_length, "
                         "capped at model.seq_length)")
+    p.add_argument("--measure-data", action="store_true",
+                   help="measure the padded row length and the mean response length from data.path with "
+                        "data.tokenizer instead of using the limits")
     p.add_argument("--prompts", type=int, default=50_000, help="prompts per iteration when data.num_prompts is unset")
     p.add_argument("--efficiency", type=float, default=None,
                    help="achieved fraction of peak FLOP/s (default: calibrated on Megatron-Bridge's 70B FP8 run)")
