@@ -195,7 +195,7 @@ def finish_stages(cfg, plan: EnginePlan, tokenizer, iteration: int, checkpoint_i
     g, params = cfg.generation, plan.params
     summaries = {}
     for s in plan.sets:
-        size = g.shard_size
+        size, tokens = g.shard_size, 0
         for k in s.todo:
             chunk = s.accepted[k * size:(k + 1) * size]
             got = protocol.read_engine_shard(s.gen_dir / "engine", k)
@@ -208,6 +208,7 @@ def finish_stages(cfg, plan: EnginePlan, tokenizer, iteration: int, checkpoint_i
             recs = _records(chunk, [[r["generated_ids"] for r in row] for row in rows], tokenizer, iteration, params)
             for rec, er in zip(recs, (r for row in rows for r in row)):
                 rec.update(engine_logp=er["engine_logp"], finish_reason=er["finish_reason"])
+            tokens += sum(len(r["generated_ids"]) for r in recs)
             text, entry = _shard_text(recs)
             name = f"shard-{k:05d}.jsonl"
             atomic_write_text(s.gen_dir / name, text)
@@ -215,8 +216,8 @@ def finish_stages(cfg, plan: EnginePlan, tokenizer, iteration: int, checkpoint_i
             atomic_write_json(s.stage.manifest_path, s.stage.manifest)
         summary = {"iteration": iteration, "prompts": len(s.accepted), "samples": len(s.accepted) * params.num_samples,
                    "shards": s.resumed + len(s.todo), "shards_resumed": s.resumed,
-                   "generated_tokens_this_run": engine.get("generated_tokens", 0),
-                   "seconds_this_run": engine.get("generate_seconds", 0.0),
+                   "generated_tokens_this_run": tokens,  # this set's; the engine's rate covers the whole job
+                   "engine_seconds_this_run": engine.get("generate_seconds", 0.0),
                    "tokens_per_s": round(engine.get("generated_tokens", 0) / max(engine.get("generate_seconds", 0), 1e-9), 2),
                    "backend": g.backend, "checkpoint": checkpoint_id, "engine_starts": engine.get("engine_starts", 0),
                    "engine_load_seconds": engine.get("load_seconds"), **s.report}

@@ -135,8 +135,6 @@ def generate_opponent(cfg, model, pstate, prompts: Sequence, tokenizer, out_dir,
     """
     g = cfg.generation
     external = g.backend != "megatron"
-    if external and pstate.rank == 0 and backend is None:
-        raise ValueError(f"generation.backend={g.backend}: rank 0 needs the backend object (HFEngineBackend)")
     eos = getattr(tokenizer, "eos_id", None)
     params = SamplingParams.from_config(g, stop_ids=() if eos is None else (eos,))
     accepted, report = prepare_prompts(prompts, cfg.model.seq_length - g.max_new_tokens, g.overlong_prompts,
@@ -157,6 +155,9 @@ def generate_opponent(cfg, model, pstate, prompts: Sequence, tokenizer, out_dir,
             print(f"generate: {out_dir} is complete (iteration {iteration}); nothing to do")
         return saved_summary
 
+    if external and pstate.rank == 0 and backend is None:  # the loop's engine path completes the stage first
+        raise ValueError(f"generation.backend={g.backend}: {out_dir} is incomplete and rank 0 has no backend object "
+                         "(the loop generates with spin_mcore.loop.generate_with_engine first)")
     size = g.shard_size
     n_shards = (len(accepted) + size - 1) // size
     todo = [k for k in range(n_shards) if f"{k:05d}" not in set(done_keys)]
