@@ -49,7 +49,10 @@ setup(
     extras_require={
         # Only usable on CUDA machines. NVIDIA apex and DALI come from NVIDIA's own
         # channels (see README); the PyPI names "apex"/"nvidia-dali" are not NVIDIA's.
-        "gpu": ["transformer-engine[pytorch]", "tensorrt-llm", "vllm"],
+        # The generation engines are not extras: vLLM and TensorRT-LLM pin their own torch and
+        # transformers, so each gets its own environment (launch/setup_vllm.sh) and runs as a worker.
+        "te": ["transformer-engine[pytorch]"],
+        "gpu": ["transformer-engine[pytorch]"],  # = te; kept for the install hints that name it
         "test": ["pytest", "transformers", "trl", "accelerate", "datasets"],
         "eval": ["lm-eval"],
     },
