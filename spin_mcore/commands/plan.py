@@ -118,7 +118,7 @@ def format_plan(result: dict, gpus: int, gpu_name: str) -> str:
             f"  hours per SPIN iteration: {h['total']:.2f} = generation {h['generation']:.2f} (estimate) + "
             f"reference pass {h['reference']:.2f} + training {h['training']:.2f}",
             f"  generation estimate source: {h['generation_source']}",
-            f"  launch/spin_70b.sh layout: parallel.tp={best['layout']['tp']} parallel.pp={best['layout']['pp']}"
+            f"  launch with (e.g. launch/spin_70b.sh for the 70B config): parallel.tp={best['layout']['tp']} parallel.pp={best['layout']['pp']}"
             + (f" parallel.vp={best['layout']['vp']}" if best['layout']['vp'] > 1 else "")
             + f" train.micro_batch_size={best['layout']['micro_batch']}"
             + f" train.recompute={str(best['layout']['recompute']).lower()}",
