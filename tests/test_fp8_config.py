@@ -177,6 +177,8 @@ def test_fp8_spin_step_matches_bf16(tmp_path):
     from spin_mcore.launcher import run_local
 
     res = run_local(_fp8_step_worker, 1, str(tmp_path))[0]
-    assert abs(res["bf16"] - math.log(2)) < 1e-3  # bf16 reference and policy: same arithmetic
+    # bf16: the same weights, but the reference pass groups rows into other micro-batches than step 0,
+    # and GPU GEMMs of other shapes may round differently: a quarter of the FP8 tolerance.
+    assert abs(res["bf16"] - math.log(2)) < FP8_LOSS_TOL / 4
     assert abs(res["fp8"] - res["bf16"]) < FP8_LOSS_TOL, res
     assert abs(res["fp8"] - math.log(2)) < FP8_LOSS_TOL, res
