@@ -238,3 +238,21 @@ def test_measure_data_lengths(tmp_path):
     # Each draw is a row length rounded up to 16: between the shortest row and the longest rounded up.
     assert min(rows) <= seq <= -(-max(rows) // 16) * 16
     assert seq < cfg.model.seq_length
+
+
+def test_70b_config_uses_the_layout_the_planner_picks(capsys):
+    """launch/spin_70b.sh runs spin_mcore/configs/spin_llama3_70b.yaml: its layout is the planner's best for it."""
+    from pathlib import Path
+
+    import yaml
+
+    from spin_mcore.cli import main
+
+    path = Path(__file__).resolve().parent.parent / "spin_mcore" / "configs" / "spin_llama3_70b.yaml"
+    assert main(["plan", str(path), "--gpus", "64", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["best"]["layout"]
+    cfg = yaml.safe_load(path.read_text())
+    assert (best["tp"], best["pp"], best["vp"], best["micro_batch"], best["recompute"]) == (
+        cfg["parallel"]["tp"], cfg["parallel"]["pp"], cfg["parallel"].get("vp") or 1,
+        cfg["train"]["micro_batch_size"], cfg["train"]["recompute"])
+    assert best["tp"] * best["pp"] * best["dp"] == 64 and best["dp"] == 8  # #SBATCH: 8 nodes x 8 tasks
