@@ -8,7 +8,7 @@
 
 The run directory is the SPIN loop's (:mod:`spin_mcore.run_dir`): ``iter_t/<name>_generation``
 (sharded, resumable), ``iter_t/<name>_verified.jsonl`` (one line per sample, written atomically
-once the stage is complete), ``iter_t/train``, ``iter_t/eval.json`` (written last: the iteration
+once the stage is complete), ``iter_t/train_data.jsonl`` (the records trained on), ``iter_t/train``, ``iter_t/eval.json`` (written last: the iteration
 is done), ``RUN/base_eval.json`` (theta_0's row) and ``RUN/results.{jsonl,md,png}``.
 """
 
@@ -192,6 +192,8 @@ def train_or_keep(cfg: Config, pstate, records: list[dict], init: str, theta: st
         log(f"iter {t}: {len(records)} training records make no global batch of {cfg.train.global_batch_size}: "
             f"theta_{t + 1} = theta_{t}")
         return theta, None
+    if pstate.rank == 0:  # what was trained on, for inspection (and the tests)
+        atomic_write_text(Path(out_dir).parent / "train_data.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     summary = train(cfg, pstate, records, init, out_dir, iteration=t)
     return str(summary.get("model", Path(out_dir) / "model")), summary.get("steps")
 
