@@ -187,18 +187,33 @@ def _loop_overrides(inputs, run_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def vllm_iteration(loop_inputs, tmp_path_factory):
+    """The iteration killed in the middle of train shard 1 (the worker SIGKILLed), then run again to the end."""
     from spin_mcore.commands.run import run_rank
+    from spin_mcore.launcher import WorkerError
 
     run_dir = tmp_path_factory.mktemp("vllm_run") / "run"
+    os.environ["SPIN_VLLM_WORKER_KILL_AT"] = "train:1"
+    try:
+        with pytest.raises(WorkerError, match="vllm worker exited with -9"):
+            run_local(run_rank, 1, None, _loop_overrides(loop_inputs, run_dir), False)
+    finally:
+        del os.environ["SPIN_VLLM_WORKER_KILL_AT"]
+    engine_dir = run_dir / "iter_0" / "train_generation" / "engine"
+    killed = {"shards": sorted(json.loads((engine_dir / "manifest.json").read_text())["shards"]),
+              "shard0": (engine_dir / "shard-00000.jsonl").read_bytes()}
     (rows,) = run_local(run_rank, 1, None, _loop_overrides(loop_inputs, run_dir), False)
-    return rows, run_dir
+    return rows, run_dir, killed
 
 
-def test_spin_iteration_with_vllm_one_engine_start_and_agreement(vllm_iteration):
-    rows, run_dir = vllm_iteration
+def test_spin_iteration_with_vllm_resumes_after_worker_kill_one_engine_start_and_agreement(vllm_iteration):
+    rows, run_dir, killed = vllm_iteration
     it = run_dir / "iter_0"
     engine = json.loads((it / "engine.json").read_text())
-    assert engine["engine_starts"] == 1 and engine["shards"] == 3 + 1  # 36 train prompts / 16, 4 held-out
+    # 40 train prompts in shards of 16 (3), 4 held-out (1). The kill left train shard 0 only; the resumed
+    # run's single engine start generated the other 3 and kept shard 0 as it was.
+    assert killed["shards"] == ["00000"]
+    assert engine["engine_starts"] == 1 and engine["shards"] == 2 + 1
+    assert (it / "train_generation" / "engine" / "shard-00000.jsonl").read_bytes() == killed["shard0"]
     for name in ("train", "heldout"):
         summary = json.loads((it / f"{name}_generation" / "manifest.json").read_text())["summary"]
         assert summary["backend"] == "vllm" and summary["engine_starts"] == 1

@@ -12,11 +12,15 @@ vLLM environment, which has no Megatron.
 * Seeds: request ``i`` carries ``sample_seed(seed, key, 0)``; vLLM derives its ``n`` samples
   from it, so outputs do not depend on batching (they are not the in-process engine's streams).
 * On CPU the KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` (GiB), set by the parent.
+* ``SPIN_VLLM_WORKER_KILL_AT=<set>:<shard>`` SIGKILLs the worker after generating that shard,
+  before writing it (the resume test's kill in the middle of a shard).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import sys
 import time
 
@@ -81,6 +85,8 @@ def serve(job, llm, vllm) -> dict:
                 for p in chunk]
             outs = llm.generate([{"prompt_token_ids": p["prompt_ids"]} for p in chunk], sampling_params=sps,
                                 use_tqdm=False)
+            if os.environ.get("SPIN_VLLM_WORKER_KILL_AT") == f"{pset.name}:{k}":  # tests: die mid-shard
+                os.kill(os.getpid(), signal.SIGKILL)
             records = []
             for p, res in zip(chunk, outs):
                 for s, o in enumerate(sorted(res.outputs, key=lambda o: o.index)):
