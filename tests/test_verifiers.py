@@ -123,3 +123,41 @@ def test_config_time_errors():
         _build(kind="python_tests", timeout_s=0)
     plugin = _build(kind="tests.test_verifiers:make_plugin")
     assert run_verifier(plugin, "a", "a").correct
+
+
+def test_eval_arith_checker_routes_through_the_plugin():
+    from spin_mcore.demo.task import is_correct
+    from spin_mcore.eval.builtin import checker_for
+
+    check = checker_for("arith")[0]
+    for text, ref in [("1 + 2 = 3. The answer is 3.", 3), ("The answer is 4.", 3), ("no answer", 3)]:
+        assert check(text, ref) == is_correct(text, ref)
+
+
+def test_collapse_watch_counts_and_warns():
+    from spin_mcore.selfimprove.common import collapse_watch
+
+    def rec(pid, ids, correct, status=None, answer=None):
+        return {"prompt_id": pid, "generated_ids": ids, "correct": correct,
+                "status": status or ("correct" if correct else "wrong"), "answer": answer}
+
+    recs = [rec("a", [1, 2, 3], True, answer="3"), rec("a", [1, 2, 4], False, answer="4"),
+            rec("b", [1, 2, 3], False, answer="3"), rec("b", [5], False, status="no_answer")]
+    s = collapse_watch(recs, 2, min_distinct_2=0.0)
+    # unigrams: 1,2,3,1,2,4,1,2,3,5 -> 5 distinct of 10; bigrams: 12,23,12,24,12,23 -> 3 of 6
+    assert (s["distinct_1"], s["distinct_2"]) == (0.5, 0.5)
+    assert s["unique_answers"] == 1.5 and s["pass_at_1"] == 0.25 and s["pass_at_2"] == 0.5 == s["solved_share"]
+    assert s["no_answer"] == 0.25 and s["verifier_errors"] == 0.0
+    logged = []
+    with pytest.warns(UserWarning, match="distinct-2"):
+        collapse_watch(recs, 2, min_distinct_2=0.6, log=logged.append)
+    assert len(logged) == 1
+
+
+def test_cli_refuses_a_bad_verifier_before_any_process(capsys):
+    from spin_mcore.cli import main
+
+    assert main(["restem", "verify.kind=no_such_module_xyz:make"]) == 1
+    assert "verify.kind='no_such_module_xyz:make': cannot import" in capsys.readouterr().err
+    assert main(["rpo", "verify.kind=exact", "spin.sft_weight=0"]) == 1
+    assert "spin.sft_weight=0.0" in capsys.readouterr().err

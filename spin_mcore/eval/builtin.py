@@ -74,8 +74,10 @@ def checker_for(name: Optional[str]):
     """(check(text, answer) -> bool, answers loader(path) -> {id: answer}) for a named task, or None."""
     if name is None:
         return None
-    if name == "arith":
-        from spin_mcore.demo.task import is_correct, load_answers
+    if name == "arith":  # the arith verifier plug-in (spin_mcore/selfimprove/verifiers.py), same decisions
+        from spin_mcore.demo.task import load_answers
+        from spin_mcore.selfimprove.verifiers import ArithAnswer, run_verifier
 
-        return is_correct, load_answers
+        verifier = ArithAnswer()
+        return (lambda text, answer: run_verifier(verifier, text, answer).correct), load_answers
     raise ValueError(f"run.checker={name!r}: unknown checker (known: arith)")
