@@ -175,13 +175,17 @@ def generate_with_engine(cfg: Config, pstate, run: RunDir, t: int, theta: str, s
             except BaseException as exc:  # the other ranks learn of it after the barrier, then all raise
                 failure[0] = exc
         external.long_barrier()
-        flag = [failure[0] is not None]
+        from spin_mcore.platform import preemption
+
+        flag = [None if failure[0] is None else type(failure[0]).__name__]
         if dist.is_initialized():
             dist.broadcast_object_list(flag, src=0)
         if failure[0] is not None:
             raise failure[0]
-        if flag[0]:
-            raise RuntimeError("rank 0's generation engine failed (its error is in rank 0's output)")
+        if flag[0] == "Preempted":  # every rank stops the same way, so the requeued job resumes
+            raise preemption.preempted("generation engine (on rank 0)")
+        if flag[0] is not None:
+            raise RuntimeError(f"rank 0's generation engine failed ({flag[0]}; its message is in rank 0's output)")
     if pstate.rank == 0:
         external.finish_stages(cfg, plan, tok, t, str(theta), engine)
         if plan.needed:

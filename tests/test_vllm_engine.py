@@ -265,3 +265,59 @@ def test_agreement_check_fails_on_wrong_engine_weights(loop_inputs, tmp_path):
     assert "generation.agreement_threshold=0.001" in msg and "stale or mis-converted" in msg
     stats = json.loads((tmp_path / "run" / "iter_0" / "heldout_agreement.json").read_text())
     assert not stats["passed"] and stats["median"] > 1e-2
+
+
+# ----------------------------------------------------------------------------- pure parts (no vLLM needed)
+
+
+def test_agreement_stats_and_threshold_message():
+    from spin_mcore.generation.agreement import AgreementError, agreement_stats, check_agreement, default_threshold
+
+    recs = [{"prompt_id": f"p{i}", "iteration": 1, "generated_ids": [5] * 4, "engine_logp": -4.0 - 0.004 * i,
+             "ref_logp_generated": -4.0} for i in range(5)]
+    recs.append({"prompt_id": "old", "iteration": 0, "generated_ids": [5], "engine_logp": 0.0, "ref_logp_generated": -9.0})
+    stats = agreement_stats(recs, iteration=1)  # per-token gaps 0, 1e-3, 2e-3, 3e-3, 4e-3; iteration 0 left out
+    assert stats["sequences"] == 5 and math.isclose(stats["median"], 2e-3) and math.isclose(stats["max"], 4e-3)
+    assert math.isclose(stats["p90"], 3.6e-3) and stats["worst"] == "p4#0"
+    check_agreement(stats, 0.05)
+    with pytest.raises(AgreementError, match=r"median \|engine - reference\| log-prob gap 0.002 nats/token > "
+                                             r"generation.agreement_threshold=0.001"):
+        check_agreement(stats, default_threshold("fp32"))
+    assert default_threshold("auto", "cpu") == 1e-3 and default_threshold("bf16", "cuda") == 0.05
+
+
+def test_eos_convention_refuses_a_dropped_stop_token():
+    assert protocol.normalise_eos([4, 7, 2], [-1.0] * 3, "stop", 2, [2]) == ([4, 7, 2], [-1.0] * 3)
+    assert protocol.normalise_eos([4, 7], [-1.0] * 2, "length", None, [2])[0] == [4, 7]
+    with pytest.raises(RuntimeError, match="left it out"):
+        protocol.normalise_eos([4, 7], [-1.0] * 2, "stop", 2, [2])
+
+
+def test_engine_wait_stops_the_worker_on_preemption():
+    """A stop signal while rank 0 waits for the engine: its process group is stopped, Preempted is raised."""
+    import signal
+    import subprocess
+
+    from spin_mcore.generation import external
+    from spin_mcore.platform import preemption
+
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    newly = preemption.install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with pytest.raises(preemption.Preempted, match="generation engine"):
+            external._wait(proc)
+        assert proc.poll() == -signal.SIGTERM
+    finally:
+        preemption.reset()
+        if newly:
+            preemption.uninstall()
+
+
+def test_engine_python_missing_names_the_setup_command(tmp_path):
+    from spin_mcore.config import ConfigError
+    from spin_mcore.generation.external import engine_python
+
+    cfg = load_config(overrides=[f"generation.python={tmp_path / 'nope' / 'python'}"])
+    with pytest.raises(ConfigError, match="generation.python=.*bash launch/setup_vllm.sh"):
+        engine_python(cfg.generation)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -176,14 +177,51 @@ def run_engine(cfg, job_path: Path, device: str) -> dict:
     status.unlink(missing_ok=True)
     start = time.perf_counter()
     with log.open("ab") as fh:
-        proc = subprocess.run([str(python), "-m", WORKER_MODULE, str(job_path)], stdout=fh, stderr=subprocess.STDOUT,
-                              env=engine_env(g, device), cwd=str(CHECKOUT))
-    if proc.returncode != 0:
+        # Its own session: the engine's processes are stopped together (killpg), by this rank only.
+        proc = subprocess.Popen([str(python), "-m", WORKER_MODULE, str(job_path)], stdout=fh,
+                                stderr=subprocess.STDOUT, env=engine_env(g, device), cwd=str(CHECKOUT),
+                                start_new_session=True)
+        try:
+            returncode = _wait(proc)
+        except BaseException:
+            _stop(proc, signal.SIGKILL)
+            raise
+    if returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-        raise WorkerError(f"vllm worker exited with {proc.returncode} (log {log}):\n" + "\n".join(tail))
+        raise WorkerError(f"vllm worker exited with {returncode} (log {log}):\n" + "\n".join(tail))
     out = json.loads(status.read_text())
     out["worker_seconds"] = round(time.perf_counter() - start, 3)
     return out
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    """Wait for the worker; on a stop signal (preemption) stop it and raise ``Preempted``.
+
+    The worker writes whole shards only, so a stop loses at most the shards in flight; the
+    requeued job's engine generates just the missing ones.
+    """
+    from spin_mcore.platform import preemption
+
+    while True:
+        try:
+            return proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            if preemption.received():
+                _stop(proc, signal.SIGTERM)
+                raise preemption.preempted("generation engine (finished shards kept)") from None
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def finish_stages(cfg, plan: EnginePlan, tokenizer, iteration: int, checkpoint_id: str, engine: dict) -> dict:
