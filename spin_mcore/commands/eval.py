@@ -34,7 +34,7 @@ def _export_rank(checkpoint: str, hf_dir: str) -> str:
 
     pstate = init_distributed(ParallelConfig())
     model_cfg = model_config_from_meta(read_checkpoint_meta(checkpoint))
-    model = build_gpt_model(model_cfg, pstate, PrecisionConfig())
+    model = build_gpt_model(model_cfg, pstate, PrecisionConfig(), perform_initialization=False)  # loaded next
     load_model_checkpoint(model, pstate, checkpoint)
     return str(export_hf(model, pstate, hf_dir, model_cfg))
 

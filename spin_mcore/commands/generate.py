@@ -45,7 +45,7 @@ def generate_rank(config: str | None, overrides: list[str], out: str, iteration:
     prompts, _ = tokenize_records(train, tok, cfg.data.template, cfg.data.max_prompt_length, cfg.data.max_response_length)
 
     pstate = init_distributed(cfg.parallel, seed=cfg.train.seed, platform=cfg.platform)
-    model = build_gpt_model(cfg.model, pstate, cfg.precision)
+    model = build_gpt_model(cfg.model, pstate, cfg.precision, perform_initialization=False)  # loaded next
     if hf is not None:
         from spin_mcore.models.hf_convert import load_hf_weights
 
