@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 
-def _demo_rank(out: str, size: str, seed: int, force: bool, overrides: list) -> dict:
+def _demo_rank(out: str, size: str, seed: int, force: bool, overrides: list, method: str = "spin") -> dict:
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning)
     from spin_mcore.demo.experiment import run_demo
 
-    return run_demo(out, size, seed, force, overrides)
+    return run_demo(out, size, seed, force, overrides, method)
 
 
 def run(args) -> int:
@@ -22,10 +22,10 @@ def run(args) -> int:
     # The README quotes this run's table: the same kernels and threads on any x86-64 machine.
     pinned = pin_cpu_numerics()
     if launched():
-        result = _demo_rank(args.out, args.size, args.seed, args.force, args.overrides)
+        result = _demo_rank(args.out, args.size, args.seed, args.force, args.overrides, args.method)
     else:
         result = run_local(_demo_rank, args.nproc, args.out, args.size, args.seed, args.force, args.overrides,
-                           threads=pinned_threads(args.nproc))[0]
+                           args.method, threads=pinned_threads(args.nproc))[0]
     print(f"demo numerics: {', '.join(f'{k}={v}' for k, v in pinned.items())}, "
           f"{pinned_threads(args.nproc)} thread(s) per rank")
     rows = {r["model"]: r for r in result["rows"]}
@@ -49,6 +49,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--size", choices=("full", "small"), default="full", help="full (README demo) or small (tests)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, init and sampling")
+    p.add_argument("--method", choices=("spin", "all"), default="spin",
+                   help="spin (SPIN vs continued SFT), or all: also ReST^EM, Iterative RPO and STaR from the same theta_0")
     p.add_argument("--nproc", type=int, default=1, help="local processes (data parallel)")
     p.add_argument("--force", action="store_true", help="reuse --out even if it was made with another config")
     p.add_argument("overrides", nargs="*", metavar="key=value",

@@ -171,8 +171,12 @@ def _prepare_inputs(out: Path, size: DemoSize, seed: int, pstate) -> Path:
 
 
 def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool = False,
-             overrides: Optional[list[str]] = None) -> dict:
-    """The whole demo on this rank (collective). Returns {"rows": [...], "sft_history": [...], "seconds"}."""
+             overrides: Optional[list[str]] = None, method: str = "spin") -> dict:
+    """The whole demo on this rank (collective). Returns {"rows": [...], "sft_history": [...], "seconds"}.
+
+    ``method="all"`` also runs ReST^EM, Iterative RPO and STaR from the same theta_0
+    (:mod:`spin_mcore.selfimprove.demo`) into the same table and a per-method plot.
+    """
     from spin_mcore.config import ParallelConfig
     from spin_mcore.data.tokenizer import load_tokenizer
     from spin_mcore.loop import evaluate, prepare, run_spin
@@ -234,11 +238,23 @@ def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool =
         controls.append(ctrl)
         log(f"control {name!r}: exact match {ctrl['exact_match']:.3f}, held-out NLL {ctrl['heldout_nll']:.4f}")
 
-    rows = [base, *spin_rows, *controls]
+    verified = []
+    if method == "all":  # the verifier-based loops from the same theta_0, same prompts
+        from spin_mcore.selfimprove.demo import plot_methods, run_verified_methods, spin_diversity
+
+        spin_diversity(run.root, spin_rows)
+        for r in spin_rows:
+            r["method"] = "SPIN"
+        verified = run_verified_methods(cfg, sft_cfg, pstate, theta0, out, log)
+    rows = [base, *spin_rows, *controls, *verified]
     columns = ["model", "exact_match", "sampled_exact_match", "heldout_nll", "pair_accuracy", "margin", "train_steps"]
+    if verified:
+        columns[4:4] = ["distinct_2", "pass_at_1", "pass_at_4", "solved_share"]
     table = [{c: r.get(c) for c in columns} for r in rows]
     if pstate.is_logging_rank:
         write_results(RunDir(out), table, title="SPIN vs continued SFT (held-out)", trajectory=1 + len(spin_rows))
+        if verified:
+            plot_methods(rows, out / "results.png", "SPIN, ReST^EM, Iterative RPO, STaR vs continued SFT (held-out)")
         from spin_mcore.run_dir import format_table
 
         print(format_table(table), flush=True)
