@@ -134,7 +134,7 @@ def sample_and_verify(cfg: Config, pstate, run: RunDir, t: int, theta: str, prom
     return [json.loads(line) for line in out_file.read_text(encoding="utf-8").splitlines()]
 
 
-def _distinct(seqs: list[list], n: int) -> float:
+def distinct_n(seqs: list[list], n: int) -> float:
     grams = [tuple(s[i:i + n]) for s in seqs for i in range(len(s) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
@@ -152,8 +152,8 @@ def collapse_watch(verified: list[dict], k: int, min_distinct_2: float, log=None
         by_prompt.setdefault(str(r["prompt_id"]), []).append(r)
     n = max(len(verified), 1)
     stats = {
-        "distinct_1": _distinct([r["generated_ids"] for r in verified], 1),
-        "distinct_2": _distinct([r["generated_ids"] for r in verified], 2),
+        "distinct_1": distinct_n([r["generated_ids"] for r in verified], 1),
+        "distinct_2": distinct_n([r["generated_ids"] for r in verified], 2),
         "unique_answers": sum(len({r["answer"] for r in rs if r["answer"] is not None}) for rs in by_prompt.values())
         / max(len(by_prompt), 1),
         "pass_at_1": sum(bool(r["correct"]) for r in verified) / n,

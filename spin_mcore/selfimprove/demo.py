@@ -57,13 +57,13 @@ def run_verified_methods(cfg, sft_cfg, pstate, theta0: str, out: Path, log) -> l
 
 def spin_diversity(run_dir: Path, rows: list[dict]) -> None:
     """Adds ``distinct_2`` (of the samples SPIN trained against, from theta_t) to each SPIN row in place."""
-    from spin_mcore.selfimprove.common import _distinct
+    from spin_mcore.selfimprove.common import distinct_n
     from spin_mcore.utils.shards import read_stage
 
     for r in rows:
         gen = Path(run_dir) / f"iter_{int(r['iteration']) - 1}" / "train_generation"
         if gen.exists():
-            r["distinct_2"] = _distinct([x["generated_ids"] for x in read_stage(gen)], 2)
+            r["distinct_2"] = distinct_n([x["generated_ids"] for x in read_stage(gen)], 2)
 
 
 def plot_methods(rows: list[dict], path: Path, title: str) -> None:
