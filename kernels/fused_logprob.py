@@ -18,7 +18,10 @@ Conventions shared by both kernels:
   at realistic sizes (8 * 2048 * 128256 = 2.1e9);
 * columns >= ``n_valid`` are vocab padding: excluded from the softmax, zero grad;
 * rows whose ``keep`` is 0 (prompt, padding) are skipped: partial (0, 1, 0) in
-  forward, zero gradient in backward.
+  forward, zero gradient in backward; their logits are not read in either;
+* loads and stores are bounded by the padded width ``V_local`` and padding columns
+  dropped with ``tl.where``: a mask against an odd ``n_valid`` would break the
+  16-byte vector loads (sm_90 PTX then has scalar 2-byte loads).
 
 Only kernels and launchers live here; the autograd.Function and the TP
 collective are in :mod:`spin_mcore.logprobs.autograd`.
@@ -39,7 +42,7 @@ BWD_BLOCK = 4096
 @triton.jit
 def _fwd_partials_kernel(
     logits_ptr, labels_ptr, keep_ptr, m_ptr, s_ptr, t_ptr,
-    S, stride_b, stride_s, n_valid, vocab_start,
+    S, stride_b, stride_s, V_local, n_valid, vocab_start,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -50,7 +53,11 @@ def _fwd_partials_kernel(
         acc = tl.zeros((), tl.float32)
         for start in range(0, n_valid, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            x = tl.load(base + cols, mask=cols < n_valid, other=float("-inf")).to(tl.float32)
+            # Bound the load by the padded width (a multiple of 16 in practice, so the mask is
+            # constant over a 16-byte vector and the load vectorises), then drop the padding
+            # columns with a select: masking the load by n_valid would make it scalar.
+            x = tl.load(base + cols, mask=cols < V_local, other=float("-inf")).to(tl.float32)
+            x = tl.where(cols < n_valid, x, float("-inf"))
             m_new = tl.maximum(m, tl.max(x, axis=0))
             # A shard can be all padding so far (m_new = -inf): shift by 0 then, not by -inf,
             # or exp(-inf - -inf) would be NaN.
@@ -80,18 +87,21 @@ def _bwd_kernel(
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     b = row // S
     s = row % S
-    keep = tl.load(keep_ptr + row) != 0
-    g = tl.load(g_ptr + row)
-    lse = tl.load(lse_ptr + row)
-    local = tl.load(labels_ptr + row) - vocab_start
-    x = tl.load(logits_ptr + b * in_stride_b + s * in_stride_s + cols,
-                mask=cols < n_valid, other=float("-inf")).to(tl.float32)
-    p = tl.exp(x - lse)  # padding columns: exp(-inf) = 0
-    grad = g * ((cols == local).to(tl.float32) - p)
-    # Masked rows: lse is not this row's, so p may be inf; select, do not multiply by 0.
-    grad = tl.where(keep & (cols < n_valid), grad, 0.0)
-    tl.store(grad_ptr + b * out_stride_b + s * out_stride_s + cols,
-             grad.to(grad_ptr.dtype.element_ty), mask=cols < V_local)
+    in_bounds = cols < V_local  # load/store bound: vectorises (see the forward kernel)
+    out = grad_ptr + b * out_stride_b + s * out_stride_s + cols
+    keep = tl.load(keep_ptr + row)
+    if keep != 0:
+        g = tl.load(g_ptr + row)
+        lse = tl.load(lse_ptr + row)
+        local = tl.load(labels_ptr + row) - vocab_start
+        x = tl.load(logits_ptr + b * in_stride_b + s * in_stride_s + cols, mask=in_bounds, other=0.0).to(tl.float32)
+        valid = cols < n_valid
+        p = tl.where(valid, tl.exp(x - lse), 0.0)  # padding columns: excluded from the softmax
+        grad = tl.where(valid, g * ((cols == local).to(tl.float32) - p), 0.0)
+        tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=in_bounds)
+    else:
+        # Masked row (prompt, padding): zero gradient, and its logits are never read.
+        tl.store(out, tl.zeros((BLOCK,), grad_ptr.dtype.element_ty), mask=in_bounds)
 
 
 def _check(logits: torch.Tensor) -> None:
@@ -130,7 +140,7 @@ def logprob_forward_partials(
         return m, s, t
     _fwd_partials_kernel[(n,)](
         logits, labels, keep, m, s, t,
-        S, logits.stride(0), logits.stride(1), n_valid, vocab_start,
+        S, logits.stride(0), logits.stride(1), logits.shape[-1], n_valid, vocab_start,
         BLOCK=block, num_warps=8 if block >= 2048 else 4,
     )
     return m, s, t

@@ -173,7 +173,8 @@ def test_triton_kernels_compile_for_h100(tmp_path):
 
     Runs in a subprocess with the interpreter off and an empty Triton cache: in this process
     TRITON_INTERPRET=1 (conftest) makes triton.compile fail, and a warm ~/.triton cache would
-    hide a real failure by serving an earlier compile."""
+    hide a real failure by serving an earlier compile. Also checks code generation: with an odd
+    ``n_valid`` both kernels still use vectorised global loads."""
     import json
     import os
     import subprocess
@@ -191,6 +192,10 @@ def test_triton_kernels_compile_for_h100(tmp_path):
     assert set(result) == {"_fwd_partials_kernel", "_bwd_kernel"}
     for name, info in result.items():
         assert info["cubin_bytes"] > 1000, (name, info)
+        # Specialised for an odd n_valid (tests/triton_aot.py): loads are bounded by the padded
+        # V_local, so they stay 16-byte vectors (before: 0 vector loads in both kernels, 2 each
+        # only when n_valid was a multiple of 16).
+        assert info["vector_loads"] > 0, (name, info)
     # The cache was empty, so this compile really ran here.
     assert any((tmp_path / "triton-cache").rglob("*.cubin"))
 

@@ -60,7 +60,8 @@ class SequenceLogProbsFn(torch.autograd.Function):
     """(seq_logps [B] fp32, token_logps [B, S] fp32) from one vocab shard of the logits.
 
     Inputs are pre-validated by :func:`spin_mcore.logprobs.sequence_logprobs`:
-    logits [B, S, V_local] bf16/fp16/fp32 with a unit-stride vocab axis; labels [B*S]
+    logits [B, S, V_local] bf16/fp16/fp32 with a unit-stride vocab axis (a transposed view of a
+    contiguous [S, B, V_local] tensor is taken as it is, without a copy); labels [B*S]
     int64 contiguous (0 on masked rows); keep [B*S] bool contiguous; this shard's
     ``vocab_start`` and its ``n_valid`` non-padding columns.
     """
@@ -68,28 +69,45 @@ class SequenceLogProbsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, keep, tp_group, vocab_start, n_valid, backend, inplace_grad):
         B, S, _ = logits.shape
+        seq_major = is_sequence_major(logits)
+        if seq_major:
+            # Megatron's own [S, B, V] buffer seen as [B, S, V]: run the backends on the contiguous
+            # [S, B, V] tensor (token row = s * B + b) and permute only the O(tokens) vectors.
+            logits = logits.transpose(0, 1)
+            labels = labels.view(B, S).t().reshape(-1)
+            keep = keep.view(B, S).t().reshape(-1)
         fwd, _ = _ops(backend)
         m, s, t = fwd(logits, labels, keep, vocab_start, n_valid)
         lse, tgt = combine_partials(m, s, t, tp_group)
-        tok = torch.where(keep, tgt - lse, torch.zeros_like(lse)).view(B, S)
+        tok = torch.where(keep, tgt - lse, torch.zeros_like(lse))
+        tok = tok.view(S, B).t().contiguous() if seq_major else tok.view(B, S)  # [B, S]: same sum order
         # The chunked backward rescales softmax from the shard's own lse to the global one;
         # the kernel recomputes exp(x - lse) directly and needs only the global lse.
         local_lse = m + torch.log(s) if backend == "chunked" and tp_group is not None else None
         ctx.save_for_backward(logits, labels, keep, lse, local_lse)  # None is allowed here
-        ctx.meta = (backend, vocab_start, n_valid, inplace_grad)
+        ctx.meta = (backend, vocab_start, n_valid, inplace_grad, seq_major)
         return tok.sum(dim=1), tok
 
     @staticmethod
     def backward(ctx, g_seq, g_tok):
         logits, labels, keep, lse, local_lse = ctx.saved_tensors
-        backend, vocab_start, n_valid, inplace = ctx.meta
-        B, S, _ = logits.shape
+        backend, vocab_start, n_valid, inplace, seq_major = ctx.meta
+        B, S = g_seq.shape[0], keep.numel() // max(1, g_seq.shape[0])
         # d seq_logps[b] / d tok[b, s] = 1 on kept tokens; token grads add on top.
-        g = g_seq.float().unsqueeze(1).expand(B, S) + g_tok.float()
-        g = torch.where(keep.view(B, S), g, torch.zeros_like(g)).reshape(-1).contiguous()
+        g = g_seq.float().unsqueeze(1).expand(B, S) + g_tok.float()  # [B, S]
+        if seq_major:
+            g = g.t()  # [S, B], the token order of the saved (row = s * B + b) vectors
+        g = torch.where(keep.view(g.shape), g, torch.zeros_like(g)).reshape(-1).contiguous()
         _, bwd = _ops(backend)
         if backend == "chunked":
             grad = bwd(logits, labels, keep, lse, g, vocab_start, n_valid, inplace, local_lse=local_lse)
         else:
             grad = bwd(logits, labels, keep, lse, g, vocab_start, n_valid, inplace)
+        if seq_major:
+            grad = grad.transpose(0, 1)  # [B, S, V] view of the [S, B, V] gradient: Megatron's layout again
         return grad, None, None, None, None, None, None, None
+
+
+def is_sequence_major(logits: torch.Tensor) -> bool:
+    """True for a [B, S, V] view of a contiguous [S, B, V] tensor (Megatron's output-layer layout)."""
+    return not logits.is_contiguous() and logits.transpose(0, 1).is_contiguous()

@@ -153,11 +153,12 @@ def build_gpt_model(model: ModelConfig, pstate, precision: PrecisionConfig, reco
     """This rank's pipeline stage of the policy, on ``pstate.device``.
 
     Forward: ``model(input_ids [b, s] int64, position_ids [b, s], attention_mask=None)``
-    returns vocab-parallel logits [b, s, padded_vocab / tp] on the last stage.
+    returns vocab-parallel logits [b, s, padded_vocab / tp] on the last stage (with
+    ``sequence_major_logits=True``: [s, b, padded_vocab / tp] without Megatron's transpose copy).
     ``vp_stage`` of ``vp_size``: one virtual stage (chunk) of an interleaved pipeline; see
     :func:`build_gpt_chunks`. Other arguments: :func:`build_transformer_config`.
     """
-    from megatron.core.models.gpt.gpt_model import GPTModel
+    from spin_mcore.models.seq_major import SpinGPTModel
 
     gpu = pstate.device.type == "cuda"
     config = build_transformer_config(model, pstate.tp, pstate.pp, precision, gpu, recompute, sequence_parallel,
@@ -167,7 +168,7 @@ def build_gpt_model(model: ModelConfig, pstate, precision: PrecisionConfig, reco
     # has the output layer (Megatron's is_pipeline_first/last_stage(ignore_virtual=False)).
     first_chunk = vp_stage is None or vp_stage == 0
     last_chunk = vp_stage is None or vp_stage == (vp_size or 1) - 1
-    gpt = GPTModel(
+    gpt = SpinGPTModel(  # GPTModel + forward(sequence_major_logits=True): logits without the transpose copy
         config=config,
         transformer_layer_spec=build_layer_spec(gpu, precision),
         vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, pstate.tp),

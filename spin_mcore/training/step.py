@@ -46,29 +46,20 @@ class LossSpec:
     qkv_format: str = "sbhd"  # packed rows only: 'thd' under Transformer Engine (see training/packed.py)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, tp_group, vocab_size: int):
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, tp_group, vocab_size: int,
+                   inplace_grad: bool = False):
     """(seq_logps [R] fp32, token_counts [R] int64) from vocab-parallel logits [R, S, V/tp].
 
-    Uses ``spin_mcore.logprobs.sequence_logprobs`` (the fused kernel) when present;
-    otherwise Megatron's ``vocab_parallel_cross_entropy`` with padded vocab columns masked.
+    ``logits`` may be the [R, S, V/tp] view of Megatron's sequence-major [S, R, V/tp] output
+    (no copy is made). ``inplace_grad``: backward writes the logits' gradient into the logits
+    buffer itself; only for logits nothing else reads afterwards (the output layer's backward
+    needs its input and weight, not its output).
     """
-    try:
-        from spin_mcore.logprobs import sequence_logprobs
-    except ImportError:
-        sequence_logprobs = None
-    if sequence_logprobs is not None:
-        out = sequence_logprobs(logits, labels, loss_mask, tp_group=tp_group, vocab_size=vocab_size)
-        return out.seq_logps.float(), out.token_counts
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    from spin_mcore.logprobs import sequence_logprobs
 
-    v_local = logits.shape[-1]
-    tp_rank = dist.get_rank(tp_group) if tp_group is not None and dist.is_initialized() else 0
-    col = torch.arange(v_local, device=logits.device) + tp_rank * v_local
-    logits = logits.float().masked_fill(col >= vocab_size, -1e30)
-    # Megatron's CE is sequence-first [S, R, V]
-    nll = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous())
-    token_logps = -nll.transpose(0, 1) * loss_mask  # [R, S]
-    return token_logps.sum(dim=1), loss_mask.sum(dim=1).to(torch.long)
+    out = sequence_logprobs(logits, labels, loss_mask, tp_group=tp_group, vocab_size=vocab_size,
+                            inplace_grad=inplace_grad)
+    return out.seq_logps, out.token_counts
 
 
 def _loss_func(batch: dict, spec: LossSpec, normalizer: torch.Tensor, logits: torch.Tensor):
@@ -80,7 +71,10 @@ def _loss_func(batch: dict, spec: LossSpec, normalizer: torch.Tensor, logits: to
 
         seq, counts = packed_sequence_logps(logits, batch, spec.tp_group, spec.vocab_size)
     else:
-        seq, counts = sequence_logps(logits, batch["labels"], batch["loss_mask"], spec.tp_group, spec.vocab_size)  # [R]
+        # [S, R, V/tp] from the model (forward_step); the [R, S, V/tp] view costs no copy. The buffer is the
+        # output layer's fresh output, read by nothing after us: backward may overwrite it with its gradient.
+        seq, counts = sequence_logps(logits.transpose(0, 1), batch["labels"], batch["loss_mask"], spec.tp_group,
+                                     spec.vocab_size, inplace_grad=logits.requires_grad)  # [R]
     valid = batch["valid"]
     mb = valid.shape[0]
     stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
@@ -116,7 +110,8 @@ def _loss_func(batch: dict, spec: LossSpec, normalizer: torch.Tensor, logits: to
 
 
 def forward_step(spec: LossSpec, normalizer: torch.Tensor, data_iterator, model):
-    """Megatron forward_step_func: (logits [R, S, V/tp] on the last stage, loss_func).
+    """Megatron forward_step_func: (logits on the last stage, loss_func): [S, R, V/tp] sequence-major,
+    or [1, row_len, V/tp] for a packed row.
 
     A packed batch (``cu_seqlens`` present, [1, row_len]) runs with Megatron ``PackedSeqParams``.
     """
@@ -131,7 +126,8 @@ def forward_step(spec: LossSpec, normalizer: torch.Tensor, data_iterator, model)
                                          device=batch["tokens"].device)
         output = model(batch["tokens"], batch["position_ids"], attention_mask=None, packed_seq_params=params)
     else:
-        output = model(batch["tokens"], batch["position_ids"], attention_mask=None)
+        # Sequence-major logits [S, R, V/tp]: Megatron's [R, S, V/tp] transpose copy is skipped.
+        output = model(batch["tokens"], batch["position_ids"], attention_mask=None, sequence_major_logits=True)
     return output, partial(_loss_func, batch, spec, normalizer)
 
 
