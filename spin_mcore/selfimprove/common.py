@@ -142,7 +142,8 @@ def distinct_n(seqs: list[list], n: int) -> float:
 def collapse_watch(verified: list[dict], k: int, min_distinct_2: float, log=None) -> dict:
     """Diversity and coverage of K samples per prompt (records of :func:`sample_and_verify`).
 
-    distinct_n: unique token n-grams / all n-grams over every sample; unique_answers: mean distinct
+    distinct_n: unique token n-grams / all n-grams over every sample (a corpus measure: it falls as
+    the sample count grows, so compare rows with the same prompts and K); unique_answers: mean distinct
     extracted answers per prompt (no-answer samples not counted); solved_share = pass@K: prompts with
     at least one correct sample; pass@1: share of correct samples (the unbiased pass@1 from K samples);
     no_answer / verifier_errors: shares of samples. Warns (and ``log``s) below ``min_distinct_2``.
