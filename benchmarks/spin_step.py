@@ -1,6 +1,6 @@
 """SPIN training-step throughput and peak memory on CPU: spin_mcore vs TRL's DPOTrainer.
 
-    python benchmarks/spin_step.py [--quick] [--threads 2]
+    python benchmarks/spin_step.py [--quick | --size quick|full|large] [--threads 2]
 
 Both sides train the identical tiny Llama (our weights, exported to HF safetensors and
 loaded by ``LlamaForCausalLM``) on the same pairs (same token ids: a word-level tokenizer
@@ -15,6 +15,12 @@ warm-up steps; tokens/s = non-pad tokens of the 2B rows per step / that time.
     trl_live  DPOTrainer(ref_model=<a second LlamaForCausalLM>): reference forward every step.
     trl_pre   DPOTrainer(precompute_ref_log_probs=True, ref_model=None): reference log-probs computed
               once by the policy before training (precompute time reported separately).
+
+Our side also reports RSS per phase (current and peak-so-far after model build, checkpoint load,
+reference pass, DDP buffers, optimizer, and within the first training steps after the forward
+activations, the logits, the log-prob buffers, backward and the optimizer step). The benchmark
+wraps the functions ``train()`` calls to read the RSS at those boundaries; the code measured is
+unchanged.
 
 The last line of output is JSON with the figures and the ratios.
 """
@@ -36,6 +42,8 @@ SIZES = {
     # name: (hidden, ffn, layers, heads, kv groups, vocab, prompt len, response len, pairs per step, steps, warmup)
     "quick": dict(hidden=64, ffn=176, layers=2, heads=4, groups=2, vocab=512, prompt=16, response=15, batch=4, steps=6, warmup=2),
     "full": dict(hidden=256, ffn=704, layers=4, heads=8, groups=4, vocab=4096, prompt=64, response=63, batch=8, steps=10, warmup=3),
+    # issue 13's realistic small size: seq 512 = 255 + 256 + eos; a step is ~6 s (ours) to ~30 s (TRL live) on 2 cores.
+    "large": dict(hidden=512, ffn=1408, layers=8, heads=8, groups=4, vocab=8192, prompt=255, response=256, batch=4, steps=5, warmup=2),
 }
 EOS = 2  # token id of "</s>"; ids 0/1 are <pad>/<unk>
 LR, BETA = 1e-6, 0.1
@@ -99,25 +107,130 @@ def prepare(work: Path, size: str) -> None:
     (work / "dpo.json").write_text(json.dumps(rows))
 
 
+def _rss_mb() -> tuple[float, float]:
+    """(current RSS, peak RSS so far) of this process in MB."""
+    with open("/proc/self/statm") as f:
+        resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return resident / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PhaseMemory:
+    """RSS at phase boundaries of our side, read by wrapping the functions ``train()`` calls."""
+
+    STEPS = 2  # step 1 creates the optimizer state; step 2 is the steady state
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.prefix = ""
+        self.step = 0
+
+    def mark(self, phase: str) -> None:
+        cur, peak = _rss_mb()
+        self.rows.append({"phase": self.prefix + phase, "rss_mb": round(cur, 1), "peak_rss_mb": round(peak, 1)})
+
+    def in_step(self) -> bool:
+        return 1 <= self.step <= self.STEPS
+
+    def install(self) -> None:
+        import megatron.core.distributed as mdist
+
+        import spin_mcore.models.checkpoint as ckpt
+        import spin_mcore.models.gpt as gpt
+        import spin_mcore.training.optimizer as opt
+        import spin_mcore.training.step as step
+        import spin_mcore.training.trainer as trainer
+
+        def after(fn, phase, when=lambda: True):
+            def wrapped(*a, **k):
+                out = fn(*a, **k)
+                if when():
+                    self.mark(phase)
+                return out
+            return wrapped
+
+        gpt.build_gpt_chunks = after(gpt.build_gpt_chunks, "model build")
+        ckpt.load_model_checkpoint = after(ckpt.load_model_checkpoint, "checkpoint load")
+        mdist.DistributedDataParallel = _ddp_marking(mdist.DistributedDataParallel, self)
+        step.sequence_logps = after(step.sequence_logps, "log-prob buffers", self.in_step)
+
+        def build_optimizer(*a, **k):
+            optimizer = opt_build(*a, **k)
+            self.mark("optimizer built")
+            prepare, step_ready = optimizer.prepare_grads, optimizer.step_with_ready_grads
+
+            def prepare_grads():
+                if self.in_step():
+                    self.mark("backward")
+                return prepare()
+            optimizer.prepare_grads = prepare_grads
+            optimizer.step_with_ready_grads = after(step_ready, "optimizer step (state)", self.in_step)
+            return optimizer
+        opt_build = opt.build_optimizer
+        opt.build_optimizer = build_optimizer
+
+        def train_step(model, *a, **k):
+            self.step += 1
+            self.prefix = f"step {self.step}: " if self.in_step() else ""
+            if self.step == 1:
+                for module in (m for c in _modules_of(model) for n, m in c.named_modules() if n.endswith("output_layer")):
+                    module.register_forward_pre_hook(lambda *_: self.mark("forward activations") if self.in_step() else None)
+                    module.register_forward_hook(lambda *_: self.mark("logits") if self.in_step() else None)
+            try:
+                return step_fn(model, *a, **k)
+            finally:
+                self.prefix = ""
+        step_fn = trainer.train_step
+        trainer.train_step = train_step
+
+
+def _ddp_marking(cls, mem: PhaseMemory):
+    class Marking(cls):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            mem.mark("DDP buffers")
+    return Marking
+
+
+def _modules_of(model):
+    from spin_mcore.models.chunks import model_chunks
+
+    return model_chunks(model)
+
+
 def run_ours(work: Path, size: str) -> dict:
+    import gc
+
     from spin_mcore.config import load_config
     from spin_mcore.platform import init_distributed
     from spin_mcore.training.reference import compute_reference_logprobs
-    from spin_mcore.training.trainer import setup_model, train
+    from spin_mcore.training.trainer import setup_model
 
     s = SIZES[size]
+    mem = PhaseMemory()
+    mem.install()
+    import spin_mcore.training.trainer as trainer  # after install: train() calls the wrapped functions
+
     cfg = load_config(overrides=_overrides(s))
     pstate = init_distributed(cfg.parallel, seed=0)
+    mem.mark("start (imports, process group)")
     t0 = time.perf_counter()
+    mem.prefix = "reference: "
     ref_model = setup_model(cfg, pstate, str(work / "theta0"), wrap_ddp=False)
     compute_reference_logprobs(cfg, ref_model, pstate, [work / "pairs"], work / "ours_ref")
+    mem.mark("reference pass")
     ref_seconds = time.perf_counter() - t0
     del ref_model  # the reference pass is its own stage: training holds one model
-    summary = train(cfg, pstate, [work / "ours_ref"], str(work / "theta0"), work / "ours_train")
+    gc.collect()
+    mem.mark("model freed")
+    mem.prefix = "train: "
+    summary = trainer.train(cfg, pstate, [work / "ours_ref"], str(work / "theta0"), work / "ours_train")
+    mem.prefix = ""
+    mem.mark("end")
     steps = [json.loads(x) for x in (work / "ours_train" / "metrics.jsonl").read_text().splitlines()]
     times = [x["step_seconds"] for x in steps][s["warmup"]:]
     return {"step_seconds": statistics.median(times), "reference_pass_seconds": ref_seconds,
-            "first_loss": steps[0]["loss"], "final_loss": summary["final"]["loss"], "reference_resident": False}
+            "first_loss": steps[0]["loss"], "final_loss": summary["final"]["loss"], "reference_resident": False,
+            "memory_phases": mem.rows}
 
 
 def run_trl(work: Path, size: str, precompute: bool) -> dict:
@@ -195,20 +308,31 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per side")
     parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--size", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--size", default=None, choices=sorted(SIZES),
+                        help="model/batch size (default 'full'; --quick = 'quick'; 'large' = issue 13's hidden 512, seq 512)")
+    parser.add_argument("--sides", default="ours,trl_live,trl_pre", help=argparse.SUPPRESS)  # comma list (debugging)
     args = parser.parse_args()
     if args.side:
         return side_main(args)
 
     import tempfile
 
-    size = "quick" if args.quick else "full"
+    if args.quick and args.size not in (None, "quick"):
+        parser.error(f"--quick contradicts --size {args.size}")
+    size = args.size or ("quick" if args.quick else "full")
     s = SIZES[size]
     tokens_per_step = 2 * s["batch"] * (s["prompt"] + s["response"] + 1)
     with tempfile.TemporaryDirectory(prefix="spin_step_") as tmp:
         work = Path(tmp)
         _run_side("prepare", work, size, args.threads)
-        res = {side: _run_side(side, work, size, args.threads) for side in ("ours", "trl_live", "trl_pre")}
+        res = {side: _run_side(side, work, size, args.threads) for side in args.sides.split(",")}
+    if "ours" in res:
+        print(f"{'our phase':44s} {'RSS MB':>9s} {'peak RSS MB':>12s}")
+        for row in res["ours"]["memory_phases"]:
+            print(f"{row['phase']:44s} {row['rss_mb']:9.1f} {row['peak_rss_mb']:12.1f}")
+    if set(res) != {"ours", "trl_live", "trl_pre"}:
+        print(json.dumps(res))
+        return
     for name, r in res.items():
         r["tokens_per_s"] = tokens_per_step / r["step_seconds"]
         print(f"{name:9s} step {r['step_seconds'] * 1e3:8.1f} ms  {r['tokens_per_s']:9.1f} tokens/s  "
@@ -233,6 +357,7 @@ def main() -> None:
                                "trl_precomputed": pre["reference_resident"]},
         "step0_loss": {"ours": ours["first_loss"], "trl_live": live["first_loss"], "trl_precomputed": pre["first_loss"]},
         "trl_token_lengths": live.get("token_lengths"),
+        "ours_memory_phases": ours["memory_phases"],
     }
     print(json.dumps(summary))
 
