@@ -168,7 +168,7 @@ def test_vp_checkpoint_loads_at_pp1_and_inference_ignores_vp(runs):
     assert meta["saved_parallel"] == {"tp": 1, "pp": 2, "vp": 2}
     assert run_local(_reshard_worker, 1, str(tmp))[0] < 1e-5
     # load_policy under the VP config: one GPTModel per rank, layers {1, 2} and {3, 4}
-    assert [v["policy"] for v in vp] == ["GPTModel", "GPTModel"]
+    assert [v["policy"] for v in vp] == ["SpinGPTModel", "SpinGPTModel"]  # Megatron GPTModel + sequence-major logits
     assert [v["policy_layers"] for v in vp] == [[1, 2], [3, 4]]
     diff = float((_refs(tmp / "ref_vp_policy") - _refs(tmp / "ref_pp1_final")).abs().max())
     assert diff < 1e-5, diff
