@@ -72,9 +72,17 @@ def test_outputs_describe_the_run(demo_run):
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _outputs(out) -> dict:
+    """{path: mtime_ns} of what costs compute to make: stage shards and manifests, checkpoints, metrics."""
+    kinds = ("shard-*.jsonl", "manifest.json", "*.distcp", "spin_mcore.json", "done.json", "metrics.jsonl")
+    return {str(p): p.stat().st_mtime_ns for kind in kinds for p in out.rglob(kind)}
+
+
 def test_rerun_resumes_and_reproduces(demo_run):
-    out, result, first_seconds = demo_run
-    start = time.perf_counter()
+    out, result, _ = demo_run
+    before = _outputs(out)
     (again,) = run_local(_demo, 1, out, 0)
-    assert again["rows"] == result["rows"]  # deterministic on CPU fp32, nothing recomputed differently
-    assert time.perf_counter() - start < 0.8 * first_seconds
+    assert again["rows"] == result["rows"]  # deterministic on CPU fp32
+    # Resumed, not recomputed: every generation shard, checkpoint and metrics file is untouched
+    # (wall time is no measure on a shared machine).
+    assert len(before) > 20 and _outputs(out) == before

@@ -16,13 +16,16 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop lines with ``step > last_step`` (logged by a killed run after its last checkpoint)."""
     if not path.exists():
         return
+    lines = path.read_text().splitlines()
     kept = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
             if json.loads(line).get("step", 0) <= last_step:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut short by the kill
+    if len(kept) == len(lines):
+        return  # nothing to drop: leave the file as it is
     from spin_mcore.utils.io import atomic_write_text
 
     atomic_write_text(path, "".join(k + "\n" for k in kept))

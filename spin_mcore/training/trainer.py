@@ -86,6 +86,19 @@ def setup_model(cfg, pstate, init_checkpoint: Optional[str] = None, wrap_ddp: bo
     return wrap_chunks(wrapped)
 
 
+def _final_model_saved(model_dir: Path, resumed_at: Optional[int], total_steps: int) -> bool:
+    """True when a run resumed with no step left finds its complete final model already saved.
+
+    Re-saving it would write the whole model again for nothing (a re-run of a finished stage, or
+    a kill between the model save and the caller's next step). Every rank reads the same files.
+    """
+    from spin_mcore.models.checkpoint import is_model_checkpoint, read_checkpoint_meta
+
+    if resumed_at != total_steps or not is_model_checkpoint(model_dir):
+        return False
+    return read_checkpoint_meta(model_dir).get("steps") == total_steps
+
+
 def _step_metrics(stats: torch.Tensor, objective: str, grad_norm: float, lr: float, seconds: float,
                   skipped_total: int) -> dict:
     s = dict(zip(STAT_NAMES, stats.tolist()))
@@ -152,9 +165,11 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
     step, skipped, tokens_seen = 0, 0, 0.0
     last: dict = {}  # metrics of the latest step: the summary's "final", kept across resumes
     resume_from = latest_checkpoint(state_root)
+    resumed_at = None  # the step training resumed at, if it resumed
     if resume_from is not None:
         loop = load_train_checkpoint(resume_from, model, optimizer, scheduler, pstate)
         step, skipped, tokens_seen = int(loop["step"]), int(loop["skipped"]), float(loop["tokens"])
+        resumed_at = step
         # A run killed after its last checkpoint resumes with no step left: the summary still
         # reports the last step's metrics, as the uninterrupted run does.
         last = dict(loop.get("last") or {})
@@ -218,8 +233,10 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
     finally:
         logger.close()
 
-    model_dir = save_model_checkpoint(model, pstate, out_dir / "model", cfg.model,
-                                      extra={"iteration": iteration + 1, "objective": objective, "steps": step})
+    model_dir = (out_dir / "model").absolute()  # the loop records it in eval.json: independent of the cwd
+    if not _final_model_saved(model_dir, resumed_at, total_steps):
+        save_model_checkpoint(model, pstate, model_dir, cfg.model,
+                              extra={"iteration": iteration + 1, "objective": objective, "steps": step})
     return {"steps": step, "total_steps": total_steps, "skipped_steps": skipped, "tokens": tokens_seen,
             "final": last, "model": str(model_dir), "seconds": round(time.perf_counter() - start, 3),
             "resumed_from": str(resume_from) if resume_from else None,
