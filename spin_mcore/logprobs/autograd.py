@@ -26,6 +26,11 @@ def combine_partials(
     token) followed by a local log-sum-exp merge. We prefer it to Megatron's
     all_reduce(MAX) then all_reduce(SUM): one latency-bound round trip instead of two,
     and the payload stays O(tokens), negligible next to the O(tokens * vocab) logits.
+
+    Not fused into a kernel with the label log-prob, mask and per-sequence sum: together these
+    O(tokens) ops took 13 ms next to 641 ms for the chunked forward partials (2%) at 8 x 512 tokens,
+    vocab 8192, fp32, 2 threads, on a loaded CPU machine; on a GPU they are a few launches over
+    [B*S] vectors against a pass over [B*S, V/tp] (not measured: no GPU in that session).
     """
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return m + torch.log(s), t
