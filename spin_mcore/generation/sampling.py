@@ -77,7 +77,10 @@ def sampling_vocab_size(model_vocab_size: int, tokenizer) -> int:
     A model may have more rows than its tokenizer has pieces (HF configs often pad the
     vocabulary); ids past the tokenizer have no text, so a sample holding one could not be
     stored or compared with the human response. Dropping them renormalises over real pieces.
+    ``tokenizer`` None (token-id-only stages, which store no text): the model's vocabulary.
     """
+    if tokenizer is None:
+        return int(model_vocab_size)
     return min(int(model_vocab_size), int(tokenizer.vocab_size))
 
 
