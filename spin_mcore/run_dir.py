@@ -23,7 +23,7 @@ from typing import Optional
 
 import yaml
 
-from spin_mcore.utils.io import atomic_write_json, atomic_write_text
+from spin_mcore.utils.io import atomic_write_figure, atomic_write_json, atomic_write_text
 
 # Fields that do not change results: a run may resume with other values.
 _RESUMABLE_FIELDS = {("run", "nproc"), ("run", "iterations"), ("train", "log_interval"), ("train", "save_interval"),
@@ -137,8 +137,6 @@ def plot_results(rows: list[dict], path: Path, title: str, trajectory: Optional[
     import matplotlib
 
     matplotlib.use("Agg")
-    import io
-
     import matplotlib.pyplot as plt
 
     metrics: list[str] = []
@@ -162,12 +160,7 @@ def plot_results(rows: list[dict], path: Path, title: str, trajectory: Optional[
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    from spin_mcore.utils.io import atomic_write_bytes
-
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(fig, path)
 
 
 def save_eval(run: RunDir, t: int, metrics: dict) -> None:

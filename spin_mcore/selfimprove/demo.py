@@ -69,14 +69,12 @@ def spin_diversity(run_dir: Path, rows: list[dict]) -> None:
 def plot_methods(rows: list[dict], path: Path, title: str) -> None:
     """One panel per metric of :data:`_PLOT_METRICS`, one line per ``method`` (rows' iteration on x);
     rows without a method (controls) as markers at their iteration."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from spin_mcore.utils.io import atomic_write_bytes
+    from spin_mcore.utils.io import atomic_write_figure
 
     methods = []
     for r in rows:
@@ -100,7 +98,4 @@ def plot_methods(rows: list[dict], path: Path, title: str) -> None:
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(fig, path)

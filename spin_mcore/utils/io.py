@@ -9,6 +9,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+def atomic_write_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Render a matplotlib figure to PNG at ``path`` atomically, then close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory, fsync, then rename."""
     path = Path(path)
