@@ -155,9 +155,18 @@ class GenerationConfig:
     overlong_prompts: str = _f("truncate", "What to do with prompts longer than the context: truncate (left) or reject.")
     trt_tp: int = _f(1, "TensorRT-LLM tensor-parallel size.")
     trt_instances: int = _f(1, "Data-parallel TensorRT-LLM / vLLM instances.")
-    python: str = _f(".venv-vllm/bin/python", "Interpreter of the engine's own environment (generation.backend=vllm): "
-                     "the worker runs as `<python> -m spin_mcore.generation.workers.vllm_worker JOB.json`; a relative "
-                     "path is resolved against the spin_mcore checkout (launch/setup_vllm.sh creates .venv-vllm).")
+    python: Optional[str] = _f(None, "Interpreter of the external engine's own environment: the worker runs as "
+                               "`<python> -m spin_mcore.generation.workers.<backend>_worker JOB.json`. None: "
+                               ".venv-<backend>/bin/python in the checkout (launch/setup_vllm.sh and "
+                               "launch/setup_trtllm.sh create them); a relative path is resolved against the checkout.")
+    engine_launcher: str = _f("auto", "How rank 0 starts the external engine's worker: local (a child process, sees "
+                              "the node's devices) or srun (its own SLURM job step inside the allocation, "
+                              "`srun --overlap --ntasks=1` on rank 0's node with generation.trt_tp GPUs). auto: srun "
+                              "inside a SLURM job with srun on PATH, else local.")
+    engine_quantization: Optional[str] = _f(None, "Weights the external engine runs: None (the export's dtype) or fp8 "
+                                            "(TensorRT-LLM on CUDA only: the HF export is quantised with NVIDIA "
+                                            "ModelOpt per iteration; the agreement threshold then needs the bf16/fp8 "
+                                            "default or looser).")
     engine_max_num_seqs: int = _f(64, "Concurrent sequences of the external engine (vLLM max_num_seqs), independent of "
                                   "generation.batch_size (the in-process engine's).")
     engine_memory_fraction: Optional[float] = _f(None, "Memory the external engine may take, in (0, 1]. CUDA: vLLM's "
@@ -472,6 +481,12 @@ def validate(cfg: Config) -> None:
     g = cfg.generation
     _choice("generation.backend", g.backend, ("megatron", "trtllm", "vllm"))
     _choice("generation.overlong_prompts", g.overlong_prompts, ("truncate", "reject"))
+    _choice("generation.engine_launcher", g.engine_launcher, ("auto", "local", "srun"))
+    if g.engine_quantization is not None:
+        _choice("generation.engine_quantization", g.engine_quantization, ("fp8",))
+        if g.backend != "trtllm":
+            raise ConfigError(f"generation.engine_quantization={g.engine_quantization}: only generation.backend=trtllm "
+                              f"runs quantised engine weights (got backend={g.backend})")
     if g.engine_max_num_seqs < 1:
         raise ConfigError(f"generation.engine_max_num_seqs={g.engine_max_num_seqs}: must be >= 1")
     if g.engine_memory_fraction is not None and not 0 < g.engine_memory_fraction <= 1:

@@ -160,7 +160,7 @@ def generate_with_engine(cfg: Config, pstate, run: RunDir, t: int, theta: str, s
                                     str(theta))
     engine: dict = {"engine_starts": 0}
     if plan.needed:
-        external.check_engine_model(cfg.model, "cuda" if torch.cuda.is_available() else "cpu")
+        external.check_engine_model(cfg.generation.backend, cfg.model, "cuda" if torch.cuda.is_available() else "cpu")
         model = load_policy(cfg, pstate, theta)
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         hf_dir = export_hf(model, pstate, it_dir / "engine_export", cfg.model)

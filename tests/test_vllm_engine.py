@@ -311,6 +311,9 @@ def test_engine_python_missing_names_the_setup_command(tmp_path):
     from spin_mcore.config import ConfigError
     from spin_mcore.generation.external import engine_python
 
-    cfg = load_config(overrides=[f"generation.python={tmp_path / 'nope' / 'python'}"])
+    cfg = load_config(overrides=["generation.backend=vllm", f"generation.python={tmp_path / 'nope' / 'python'}"])
     with pytest.raises(ConfigError, match="generation.python=.*bash launch/setup_vllm.sh"):
+        engine_python(cfg.generation)
+    cfg = load_config(overrides=["generation.backend=trtllm"])  # the default interpreter is per engine
+    with pytest.raises(ConfigError, match=r"generation.python=.venv-trtllm/bin/python: .*bash launch/setup_trtllm.sh"):
         engine_python(cfg.generation)

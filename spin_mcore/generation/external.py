@@ -38,8 +38,15 @@ from spin_mcore.utils.io import atomic_write_json, atomic_write_text
 from spin_mcore.utils.shards import ShardedStage
 
 CHECKOUT = Path(__file__).resolve().parents[2]
-SETUP_HINT = "bash launch/setup_vllm.sh"
-WORKER_MODULE = "spin_mcore.generation.workers.vllm_worker"
+ENGINES = ("vllm", "trtllm")  # each has launch/setup_<name>.sh and workers/<name>_worker.py
+
+
+def setup_hint(backend: str) -> str:
+    return f"bash launch/setup_{backend}.sh"
+
+
+def worker_module(backend: str) -> str:
+    return f"spin_mcore.generation.workers.{backend}_worker"
 ENGINE_WAIT = timedelta(hours=24)  # the engine may take hours on a large prompt set
 
 
@@ -75,12 +82,17 @@ def long_barrier() -> None:
 
 
 def engine_python(gen_cfg) -> Path:
-    """``generation.python`` resolved against the checkout; ConfigError naming the setup command if missing."""
-    path = Path(gen_cfg.python)
-    path = path if path.is_absolute() else CHECKOUT / path
+    """``generation.python`` (default ``.venv-<backend>/bin/python``) resolved against the checkout.
+
+    ConfigError naming the setup command when it is missing.
+    """
+    if gen_cfg.backend not in ENGINES:
+        raise ConfigError(f"generation.backend={gen_cfg.backend}: not an external engine ({', '.join(ENGINES)})")
+    raw = gen_cfg.python or f".venv-{gen_cfg.backend}/bin/python"
+    path = Path(raw) if Path(raw).is_absolute() else CHECKOUT / raw
     if not path.exists():
-        raise ConfigError(f"generation.python={gen_cfg.python}: {path} does not exist; create the vLLM "
-                          f"environment with `{SETUP_HINT}` (or point generation.python at one)")
+        raise ConfigError(f"generation.python={raw}: {path} does not exist; create the {gen_cfg.backend} "
+                          f"environment with `{setup_hint(gen_cfg.backend)}` (or point generation.python at one)")
     return path
 
 
@@ -137,10 +149,13 @@ def plan_engine_job(cfg, pstate, sets: list[tuple], tokenizer, iteration: int, c
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32 CPU attention
 
 
-def check_engine_model(model_cfg, device: str) -> None:
-    """ConfigError, before any export, for a model vLLM cannot run here."""
+def check_engine_model(backend: str, model_cfg, device: str) -> None:
+    """ConfigError, before any export, for an engine or model that cannot run on ``device``."""
+    if backend == "trtllm" and device != "cuda":
+        raise ConfigError("generation.backend=trtllm needs CUDA GPUs (TensorRT-LLM has no CPU path); on this "
+                          "machine use generation.backend=vllm or megatron")
     head = model_cfg.hidden_size // model_cfg.num_attention_heads
-    if device != "cuda" and head not in CPU_HEAD_SIZES:
+    if backend == "vllm" and device != "cuda" and head not in CPU_HEAD_SIZES:
         raise ConfigError(f"generation.backend=vllm on CPU: head size {head} (model.hidden_size / "
                           f"model.num_attention_heads) is not one vLLM's CPU attention supports {CPU_HEAD_SIZES}")
 
@@ -160,7 +175,8 @@ def write_job(cfg, plan: EnginePlan, hf_dir: Path, dtype: str, job_dir: Path, to
     sampling = {**p.to_dict(), "vocab_size": sampling_vocab_size(cfg.model.vocab_size, tokenizer),
                 "model_vocab_size": cfg.model.vocab_size}
     engine = {"max_num_seqs": g.engine_max_num_seqs, "memory_fraction": g.engine_memory_fraction,
-              "tensor_parallel_size": g.trt_tp, "seed": g.seed, "device": device}
+              "tensor_parallel_size": g.trt_tp, "seed": g.seed, "device": device,
+              "quantization": g.engine_quantization}
     job = protocol.Job(model=str(hf_dir), dtype=dtype, max_model_len=cfg.model.seq_length, engine=engine,
                        sampling=sampling, sets=psets, status=str(job_dir / "status.json"))
     return job.save(job_dir / "job.json")
