@@ -1,0 +1,308 @@
+"""TensorRT-LLM engine worker: ``<engine python> -m spin_mcore.generation.workers.trtllm_worker JOB.json``.
+
+Starts ONE ``tensorrt_llm.LLM`` (the LLM API, PyTorch backend) on the job's HF export and serves
+every listed shard of every prompt set (see :mod:`spin_mcore.generation.workers.protocol`), like
+:mod:`...vllm_worker`. Imports only the stdlib, TensorRT-LLM (and, for FP8, NVIDIA ModelOpt +
+transformers, both dependencies of the pinned ``tensorrt_llm``) and spin_mcore's stdlib-only
+modules; the parent runs it with ``PYTHONPATH=<checkout>`` in ``.venv-trtllm``
+(``bash launch/setup_trtllm.sh``, CUDA machines only). Pinned: ``tensorrt_llm==1.2.1``.
+
+Facts this module relies on, read in NVIDIA/TensorRT-LLM (main, and the 1.3.0rc7 API reference):
+
+* ``tensorrt_llm/llmapi/llm.py`` ``_prepare_sampling_params``: with no tokenizer
+  (``skip_tokenizer_init=True``) every ``SamplingParams`` must carry ``end_id``; nothing is
+  re-tokenised, prompts go in as ``{"prompt_token_ids": [...]}``.
+* ``tensorrt_llm/executor/base_worker.py`` ``_enqueue_request``: ``end_id`` goes to the
+  request as is (``-1`` is what ``ignore_eos`` sends: no token ends the request); the newest
+  version also sends ``stop_words=[]`` when ``ignore_eos`` is set, so ``ignore_eos`` is NOT used.
+* ``tensorrt_llm/_torch/pyexecutor/sampler.py`` ``_handle_stop_criteria`` (checked after the new
+  token was added to the request): a token equal to ``end_id`` -> ``FinishReason.END_ID``; else
+  the length limit -> ``LENGTH``; else a completed stop word -> ``STOP_WORDS``. So a stop token
+  drawn as the last allowed token reports LENGTH (handled in :func:`normalise_output`).
+* ``tensorrt_llm/executor/result.py`` ``_handle_sequence``: ``END_ID`` -> ``finish_reason="stop"``
+  with ``stop_reason=None`` and the end token left out of ``token_ids``; ``STOP_WORDS`` ->
+  ``"stop"``, ``stop_reason`` = the stop token id, and the stop token cut from ``token_ids``
+  unless ``include_stop_str_in_output`` (``logprobs`` is not cut); ``LENGTH`` -> ``"length"``.
+  ``CompletionOutput.logprobs`` is a list (one per output token) of ``{token_id: Logprob}``.
+* ``tensorrt_llm/sampling_params.py``: ``logprobs=K`` returns the top-K and the sampled token's
+  log-prob; ``logprobs_mode`` (``LogprobMode.RAW``, the default) gives log-softmax of the model's
+  logits before temperature/top-k/top-p (``LogprobMode.PROCESSED``: after them). The RAW numbers
+  are what the Megatron reference pass computes, so the worker asks for them explicitly and
+  refuses a TensorRT-LLM without ``LogprobMode`` (it could not say which numbers it returns).
+
+EOS (the project's convention, :func:`protocol.normalise_eos`): y' ends in the stop id exactly
+when generation stopped on it, and ``engine_logp`` includes that token's log-prob. TensorRT-LLM's
+end-id path drops the token AND its log-prob, so the worker never uses it: ``end_id=-1`` and the
+stop ids go in as ``stop_token_ids`` with ``include_stop_str_in_output=True`` (the STOP_WORDS
+path, which keeps the token and its log-prob). :func:`normalise_output` checks each output and
+also repairs the one recoverable shape (stop token cut from ``token_ids`` but its log-prob still
+in ``logprobs``); an end-id stop without the token is refused, not patched.
+
+FP8 (``engine.quantization == "fp8"``): the LLM API's ``quant_config=QuantConfig(quant_algo=
+QuantAlgo.FP8)`` quantises while building a TensorRT *engine* (the legacy ``_tensorrt_engine.LLM``);
+the default PyTorch backend instead runs checkpoints quantised by NVIDIA ModelOpt (docs
+``features/quantization.md``: "Running Pre-quantized Models", "Offline Quantization with
+ModelOpt"; ModelOpt's ``deployment/1_tensorrt_llm``: ``export_hf_checkpoint`` and load the HF
+checkpoint with the PyTorch backend). So :func:`quantize_fp8` calibrates the HF export with
+``modelopt.torch.quantization.quantize(model, FP8_DEFAULT_CFG, forward_loop)`` on the job's own
+prompts and writes ``modelopt.torch.export.export_hf_checkpoint`` (``hf_quant_config.json`` +
+FP8 safetensors) next to the export, atomically; the engine loads that directory.
+
+* Seeds: request ``i`` carries ``sample_seed(seed, key, 0)``; TensorRT-LLM draws its ``n``
+  samples from it, so outputs do not depend on batching (they are not the in-process engine's).
+* ``SPIN_TRTLLM_WORKER_KILL_AT=<set>:<shard>`` SIGKILLs the worker after generating that shard,
+  before writing it (the resume tests' kill in the middle of a shard).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+from spin_mcore.generation.workers.vllm_worker import sample_seed
+
+PINNED = "1.2.1"  # launch/setup_trtllm.sh installs this version
+NO_END_ID = -1  # what base_worker sends for ignore_eos: no token ends a request through the END_ID path
+FP8_CALIBRATION_PROMPTS = 128
+KILL_ENV = "SPIN_TRTLLM_WORKER_KILL_AT"
+
+
+def llm_kwargs(job, model_dir: str | None = None) -> dict:
+    """Keyword arguments of ``tensorrt_llm.LLM`` for a job (pure: testable without TensorRT-LLM).
+
+    ``KvCacheConfig`` needs the library, so the memory fraction comes back as the plain
+    ``kv_cache_free_gpu_memory_fraction`` entry that :func:`build_llm` turns into one.
+    """
+    e = job.engine
+    if e.get("device") != "cuda":
+        raise ValueError(f"job engine.device={e.get('device')!r}: TensorRT-LLM runs on CUDA GPUs only")
+    max_len = int(job.max_model_len)
+    kw = dict(model=model_dir or job.model, skip_tokenizer_init=True, dtype=job.dtype,
+              tensor_parallel_size=int(e["tensor_parallel_size"]),
+              max_batch_size=int(e["max_num_seqs"]),  # the engine's concurrency (vLLM's max_num_seqs)
+              max_seq_len=max_len,
+              # tokens per engine step; at least one whole prompt, so no prompt needs chunked prefill
+              max_num_tokens=max(8192, max_len))
+    if e.get("memory_fraction") is not None:
+        kw["kv_cache_free_gpu_memory_fraction"] = float(e["memory_fraction"])
+    return kw
+
+
+def sampling_kwargs(sampling: dict, key: str, max_tokens: int) -> dict:
+    """Keyword arguments of ``tensorrt_llm.SamplingParams`` for one prompt (pure).
+
+    Greedy (temperature 0) is ``top_k=1`` alone: every TensorRT-LLM version reads that as greedy.
+    ``logprobs=1``: the top-1 and the sampled token's raw log-prob (``logprobs_mode`` is added by
+    :func:`make_sampling_params`, which needs the library).
+    """
+    stop_ids = [int(i) for i in sampling["stop_ids"]]
+    kw = dict(n=int(sampling["num_samples"]), max_tokens=int(max_tokens), end_id=NO_END_ID,
+              pad_id=stop_ids[0] if stop_ids else 0, stop_token_ids=stop_ids,
+              include_stop_str_in_output=True, seed=sample_seed(int(sampling["seed"]), key, 0),
+              detokenize=False, logprobs=1)
+    if float(sampling["temperature"]) == 0.0:
+        kw["top_k"] = 1
+    else:
+        kw["temperature"] = float(sampling["temperature"])
+        if float(sampling["top_p"]) < 1.0:
+            kw["top_p"] = float(sampling["top_p"])
+        if int(sampling["top_k"]) > 0:
+            kw["top_k"] = int(sampling["top_k"])
+    vocab, model_vocab = sampling.get("vocab_size"), sampling.get("model_vocab_size")
+    if vocab is not None and model_vocab is not None and vocab < model_vocab:
+        # the in-process engine's tokenizer cut; bans change sampling, not the RAW log-probs
+        kw["bad_token_ids"] = list(range(int(vocab), int(model_vocab)))
+    return kw
+
+
+def _logprob_value(entry) -> float:
+    return float(entry.logprob if hasattr(entry, "logprob") else entry)
+
+
+def normalise_output(token_ids, logprobs, finish_reason, stop_reason, stop_ids) -> tuple[list, list, str]:
+    """One TensorRT-LLM ``CompletionOutput`` -> (y' ids, per-token raw log-probs, finish reason), EOS convention applied.
+
+    token_ids: the output ids; logprobs: one ``{token_id: Logprob-or-float}`` per position (the
+    sampled token's entry must be there). Cases:
+
+    * stopped on a stop id (``finish_reason="stop"``, ``stop_reason`` that id) and the ids end in
+      it: kept as is (``include_stop_str_in_output=True``);
+    * stopped on a stop id, cut from the ids but its log-prob still the extra last entry of
+      ``logprobs`` (``include_stop_str_in_output`` ignored): the id is appended with that log-prob;
+    * ``"length"`` with the ids ending in a stop id: the sampler checks the length limit before
+      stop words, so a stop token drawn as the last allowed token reports LENGTH; it did stop
+      there, so the finish reason becomes ``"stop"`` (as y' of the other engines);
+    * other ``"length"`` outputs: unchanged;
+    * anything else (the end-id path, which drops the token and its log-prob; log-prob counts
+      that do not match the ids; another finish reason) raises RuntimeError: a y' without its stop
+      token, or without its log-prob, would bias the margin and the agreement check.
+    """
+    ids = [int(t) for t in token_ids]
+    entries = list(logprobs or [])
+    stops = {int(s) for s in stop_ids}
+    if finish_reason == "stop":
+        if not isinstance(stop_reason, int) or stop_reason not in stops:
+            raise RuntimeError(f"TensorRT-LLM stopped with stop_reason={stop_reason!r} (stop ids {sorted(stops)}): "
+                               "the end-id path dropped the stop token and its log-prob; the worker must send "
+                               "end_id=-1 with stop_token_ids")
+        if (len(entries) == len(ids) + 1 and (not ids or ids[-1] != stop_reason)
+                and isinstance(entries[-1], dict) and stop_reason in entries[-1]):
+            ids.append(stop_reason)  # cut from the ids, log-prob kept: restore the token
+        elif not ids or ids[-1] != stop_reason:
+            raise RuntimeError(f"TensorRT-LLM stopped on id {stop_reason} but left it (and its log-prob) out of the "
+                               "output")
+    elif finish_reason == "length":
+        if ids and ids[-1] in stops:
+            finish_reason = "stop"  # the stop token was the last allowed one
+    else:
+        raise RuntimeError(f"TensorRT-LLM output finished with {finish_reason!r} (expected 'stop' or 'length')")
+    if len(entries) != len(ids):
+        raise RuntimeError(f"TensorRT-LLM returned {len(entries)} log-prob entries for {len(ids)} tokens")
+    logps = []
+    for pos, (tok, entry) in enumerate(zip(ids, entries)):
+        if not isinstance(entry, dict) or tok not in entry:
+            raise RuntimeError(f"TensorRT-LLM returned no log-prob of the sampled token {tok} at position {pos}")
+        logps.append(_logprob_value(entry[tok]))
+    return ids, logps, finish_reason
+
+
+def make_sampling_params(trtllm, kw: dict):
+    """``SamplingParams(**kw)`` asking for RAW log-probs; RuntimeError on a TensorRT-LLM without ``LogprobMode``."""
+    from tensorrt_llm import sampling_params as sp
+
+    if not hasattr(sp, "LogprobMode"):
+        raise RuntimeError(f"tensorrt_llm {trtllm.__version__} has no SamplingParams.logprobs_mode, so it cannot be "
+                           f"told to return raw log-probs; install tensorrt_llm=={PINNED} (bash launch/setup_trtllm.sh)")
+    return trtllm.SamplingParams(**kw, logprobs_mode=sp.LogprobMode.RAW)
+
+
+def build_llm(trtllm, job, model_dir: str):
+    """The job's one ``tensorrt_llm.LLM`` (PyTorch backend)."""
+    from tensorrt_llm.llmapi import KvCacheConfig
+
+    kw = llm_kwargs(job, model_dir)
+    frac = kw.pop("kv_cache_free_gpu_memory_fraction", None)
+    if frac is not None:
+        kw["kv_cache_config"] = KvCacheConfig(free_gpu_memory_fraction=frac)
+    return trtllm.LLM(**kw)
+
+
+def fp8_dir(job) -> Path:
+    return Path(str(job.model).rstrip("/") + "-fp8")
+
+
+def quantize_fp8(job) -> Path:
+    """ModelOpt FP8 (per-tensor, ``FP8_DEFAULT_CFG``) checkpoint of the job's HF export; returns its directory.
+
+    Calibrated on up to :data:`FP8_CALIBRATION_PROMPTS` of the job's own prompts. Written to a
+    temporary sibling and renamed: a killed worker leaves no half checkpoint, and a finished one
+    is reused by the resumed job (the export directory is per iteration).
+    """
+    out = fp8_dir(job)
+    if (out / "hf_quant_config.json").exists():
+        return out
+    import modelopt.torch.quantization as mtq
+    import torch
+    from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from spin_mcore.generation.workers import protocol
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(job.dtype, torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(job.model, torch_dtype=dtype).cuda().eval()
+    calib = [p["prompt_ids"] for s in job.sets for p in protocol.read_prompts(s.prompts)][:FP8_CALIBRATION_PROMPTS]
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for ids in calib:
+                m(torch.tensor([ids], device="cuda"))
+
+    mtq.quantize(model, mtq.FP8_DEFAULT_CFG, forward_loop)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.inference_mode():
+        export_hf_checkpoint(model, export_dir=str(tmp))
+    del model
+    torch.cuda.empty_cache()  # the engine gets the memory back
+    os.replace(tmp, out)
+    return out
+
+
+def serve(job, llm, trtllm) -> dict:
+    """Generate every listed shard of every set of ``job`` with the started ``llm``; returns the counts."""
+    from spin_mcore.generation.workers import protocol
+
+    tokens, shards, start = 0, 0, time.perf_counter()
+    for pset in job.sets:
+        sampling = {**job.sampling, **(pset.sampling or {})}
+        stop_ids = [int(i) for i in sampling["stop_ids"]]
+        stage = protocol.engine_stage(pset.out_dir, pset.fingerprint)
+        prompts = protocol.read_prompts(pset.prompts)
+        for k in pset.shards:
+            if stage.has_shard(k):
+                continue  # done by an earlier, killed worker
+            chunk = prompts[k * pset.shard_size:(k + 1) * pset.shard_size]
+            if not chunk:
+                raise ValueError(f"{pset.prompts}: shard {k} is past the last prompt")
+            sps = [make_sampling_params(trtllm, sampling_kwargs(
+                sampling, p["key"], min(int(sampling["max_new_tokens"]), job.max_model_len - len(p["prompt_ids"]))))
+                for p in chunk]
+            outs = llm.generate([{"prompt_token_ids": p["prompt_ids"]} for p in chunk], sampling_params=sps,
+                                use_tqdm=False)
+            if os.environ.get(KILL_ENV) == f"{pset.name}:{k}":  # tests: die mid-shard
+                os.kill(os.getpid(), signal.SIGKILL)
+            records = []
+            for p, res in zip(chunk, outs):
+                for s, o in enumerate(sorted(res.outputs, key=lambda o: o.index)):
+                    ids, logps, finish = normalise_output(o.token_ids, o.logprobs, o.finish_reason, o.stop_reason,
+                                                          stop_ids)
+                    # the shared convention check (the same one the vLLM worker's outputs pass)
+                    ids, logps = protocol.normalise_eos(ids, logps, finish, ids[-1] if finish == "stop" else None,
+                                                        stop_ids)
+                    records.append({"key": p["key"], "sample_index": s, "generated_ids": ids,
+                                    "engine_logp": sum(logps), "engine_tokens": len(ids), "finish_reason": finish})
+                    tokens += len(ids)
+            stage.write_shard(k, records)
+            shards += 1
+            print(f"trtllm_worker: {pset.name} shard {k} done ({len(records)} samples)", flush=True)
+    return {"generate_seconds": round(time.perf_counter() - start, 3), "generated_tokens": tokens, "shards": shards}
+
+
+def main(argv: list[str]) -> int:
+    from spin_mcore.generation.workers import protocol
+    from spin_mcore.utils.io import atomic_write_json
+
+    if len(argv) != 1:
+        print("usage: python -m spin_mcore.generation.workers.trtllm_worker JOB.json", file=sys.stderr)
+        return 2
+    job = protocol.Job.load(argv[0])
+    quant = job.engine.get("quantization")
+    if quant not in (None, "fp8"):
+        raise ValueError(f"job engine.quantization={quant!r}: TensorRT-LLM worker runs None or 'fp8'")
+    try:
+        import tensorrt_llm as trtllm
+    except ImportError as exc:
+        print(f"trtllm_worker: tensorrt_llm cannot be imported by {sys.executable} ({exc}); create the TensorRT-LLM "
+              f"environment on a CUDA machine with `bash launch/setup_trtllm.sh`", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    model_dir = str(quantize_fp8(job)) if quant == "fp8" else job.model
+    llm = build_llm(trtllm, job, model_dir)
+    load_seconds = round(time.perf_counter() - start, 3)
+    print(f"trtllm_worker: engine up in {load_seconds} s (tensorrt_llm {trtllm.__version__}, "
+          f"{'fp8 ' if quant else ''}{model_dir})", flush=True)
+    try:
+        counts = serve(job, llm, trtllm)
+    finally:
+        llm.shutdown()  # stops the executor's MPI workers (tensor_parallel_size > 1)
+    atomic_write_json(job.status, {"engine_starts": 1, "load_seconds": load_seconds,
+                                   "tensorrt_llm": trtllm.__version__, "quantization": quant, **counts})
+    return 0
+
+
+if __name__ == "__main__":  # the LLM API starts MPI worker processes: the entry must be guarded
+    sys.exit(main(sys.argv[1:]))
