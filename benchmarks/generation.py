@@ -1,19 +1,37 @@
-"""Generated tokens/s of the in-process Megatron KV-cache engine vs. transformers ``generate``, on CPU.
+"""Generated tokens/s of the in-process Megatron KV-cache engine vs. transformers ``generate`` vs. vLLM (CPU).
 
-Both run the identical weights: a random ``LlamaForCausalLM`` is saved as safetensors and
-imported into the Megatron ``GPTModel`` with ``load_hf_weights``. The workload is SPIN's:
-``4 x batch`` prompts of mixed lengths (16-63 tokens), sampled at temperature 1 with a
-stop-token set (2% of the vocabulary, so responses end at varied lengths, capped at
-``new`` tokens), ``batch`` sequences in flight. HF runs ``generate`` over consecutive
-left-padded batches (a batch runs until its longest row ends); ours runs the same prompts
-through continuous batching (finished rows are refilled) with length-bucketed prefill.
-Throughput counts only produced tokens (up to and including the stop token), and is
-measured in process CPU time with the same single thread for both, so load from other
-processes on a shared machine does not skew the ratio (wall-clock is printed too). A
-separate greedy check confirms both produce the same tokens. Also prints the expected wall time of the
-paper-scale generation (50k prompts x 300 new tokens) on 8 x H100 with TensorRT-LLM.
+All three run the identical weights: a random ``LlamaForCausalLM`` saved as safetensors,
+imported into the Megatron ``GPTModel`` with ``load_hf_weights``, loaded by transformers
+with ``from_pretrained`` and by ``vllm.LLM`` with the engine worker's own settings
+(:func:`spin_mcore.generation.workers.vllm_worker.llm_kwargs` / ``sampling_kwargs``: eager
+mode, fp32, raw log-probs of each sampled token, a seed per request).
 
-    python benchmarks/generation.py [--quick]
+The workload is SPIN's: ``4 x batch`` prompts of mixed lengths, sampled at temperature 1
+with a stop-token set (2% of the vocabulary, so responses end at varied lengths, capped at
+``max_new_tokens``), ``batch`` sequences in flight:
+
+* in-process: continuous batching with ``batch`` cache slots (finished rows are refilled);
+* transformers: ``generate`` over consecutive left-padded batches (a batch runs until its
+  longest row ends);
+* vLLM: one engine (``max_num_seqs`` = the largest batch), fed through ``LLMEngine.add_request``
+  / ``step`` so that at most ``batch`` requests are in flight (continuous batching at that
+  concurrency).
+
+Throughput counts only produced tokens (up to and including the stop token). It is measured
+in CPU time of every process doing the work (vLLM: its front end plus its engine-core
+process), with the same thread count for all three, so load from other processes on a
+shared machine skews the ratios less; wall-clock tokens/s is printed too. Threads: torch
+``set_num_threads(T)`` in this process; vLLM's engine core gets ``VLLM_CPU_OMP_THREADS_BIND``
+= cores ``0..T-1`` (vLLM then sets ``OMP_NUM_THREADS=T`` and binds them) and ``OMP_NUM_THREADS=T``.
+
+Startup (until the first generate can run) is measured in a fresh interpreter per backend,
+from process creation: imports (torch, Megatron / transformers / ``import vllm``), model
+build and weight load, and for the in-process engine its KV-cache allocation.
+
+A greedy check runs the first prompts through all three (8 tokens, no stop ids) and
+compares the token ids.
+
+    python benchmarks/generation.py [--quick] [--threads T]
 
 The last line is JSON with the headline figures.
 """
@@ -23,65 +41,74 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parent.parent
+GREEDY_PROMPTS, GREEDY_NEW = 3, 8
 
-warnings.filterwarnings("ignore")
-
-# TensorRT-LLM anchor (NVIDIA's published perf overview, quoted in ARCHITECTURE.md):
-# Llama-3.1-70B, FP8, TP8 on H100: ~14.7k output tokens/s for the 8 GPUs.
-TRT_70B_TOK_S_8GPU = 14_700.0
-
-
-def trtllm_estimates(prompts: int = 50_000, new_tokens: int = 300) -> dict:
-    """Expected generation time at paper scale on 8 x H100 with TensorRT-LLM.
-
-    70B: the anchor above (1.84k tok/s per GPU). 7B: the same per-GPU FLOP budget spread
-    over 10x fewer parameters per token (decode at large batch is compute/bandwidth bound
-    roughly in proportion to parameters), i.e. 10 x 1.84k = 18.4k tok/s per GPU, run as 8
-    TP=1 instances. This is a scaling estimate, not a measurement; it ignores prefill
-    (prompts are ~1/3 of the tokens but are processed ~10-20x faster than decode).
-    """
-    total = prompts * new_tokens
-    per_gpu_70b = TRT_70B_TOK_S_8GPU / 8
-    per_gpu_7b = per_gpu_70b * 70 / 7
-    out = {}
-    for name, per_gpu in (("7B", per_gpu_7b), ("70B", per_gpu_70b)):
-        seconds = total / (per_gpu * 8)
-        out[name] = {"per_gpu_tok_s": round(per_gpu), "tok_s_8gpu": round(per_gpu * 8),
-                     "seconds": round(seconds), "hours": round(seconds / 3600, 3)}
-    return out
+# name -> (hidden, layers, heads, kv heads, vocab, prompt lengths [lo, hi), max_new_tokens).
+# Head size 64 in both: vLLM's CPU attention takes 32, 64, 80, 96, 112, 128, ...
+SIZES = {
+    "quick": (128, 2, 2, 1, 1024, (16, 48), 32),
+    "default": (512, 8, 8, 4, 8192, (48, 80), 128),
+}
+SEQ = 256  # model context: longest prompt + max_new_tokens fits
 
 
-def build_models(hidden: int, layers: int, vocab: int, seq: int, directory: str):
+# ----------------------------------------------------------------------------- shared set-up
+
+
+def save_hf_model(size: str, directory: str):
+    """Save a random LlamaForCausalLM of ``size`` to ``directory`` (safetensors); return the fp32 model."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    hidden, layers, heads, kv, vocab, _, _ = SIZES[size]
+    ffn = int(hidden * 8 / 3) // 16 * 16
+    torch.manual_seed(0)
+    # eos = the first stop id, so no backend stops on an id outside the stop set (vLLM reads it from the config).
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=SEQ,
+                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.1,
+                      bos_token_id=1, eos_token_id=stop_set(vocab)[0], pad_token_id=0)
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(directory, safe_serialization=True)
+    return hf
+
+
+def load_ours(directory: str, slots: int, max_len: int):
+    """(model, pstate, engine-ready) for the in-process engine from the HF export in ``directory``."""
     from spin_mcore.config import load_config
+    from spin_mcore.generation.engine import MegatronEngine
     from spin_mcore.models.gpt import build_gpt_model
     from spin_mcore.models.hf_convert import load_hf_weights
     from spin_mcore.platform import init_distributed
 
-    heads = max(2, hidden // 64)
-    ffn = int(hidden * 8 / 3) // 16 * 16
-    torch.manual_seed(0)
-    hf_cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=seq,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.1)
-    hf = LlamaForCausalLM(hf_cfg).eval()
-    hf.save_pretrained(directory, safe_serialization=True)
-    cfg = load_config(overrides=[f"model.hf_config={directory}", f"model.seq_length={seq}"])
+    cfg = load_config(overrides=[f"model.hf_config={directory}", f"model.seq_length={SEQ}"])
     pstate = init_distributed(cfg.parallel, seed=0)
     model = build_gpt_model(cfg.model, pstate, cfg.precision)
     load_hf_weights(model, pstate, directory, cfg.model)
-    return hf, model.eval(), pstate, cfg
+    MegatronEngine(model, pstate, slots=slots, max_len=max_len)  # what generate_tokens allocates first
+    return model.eval(), pstate
 
 
 def stop_set(vocab: int) -> list[int]:
-    """Every 50th id: a 2% chance per sampled token to stop (random weights have no real EOS)."""
+    """Every 50th id from 3: a 2% chance per sampled token to stop (random weights have no real EOS)."""
     return list(range(3, vocab, 50))
+
+
+def make_prompts(size: str, count: int) -> list[list[int]]:
+    """``count`` random prompts with lengths uniform in the size's range (ids >= 3: no bos/pad/stop-0)."""
+    import torch
+
+    _, _, _, _, vocab, (lo, hi), _ = SIZES[size]
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(lo, hi, (count,), generator=g)]
 
 
 def _useful(tokens: list[int], stops: set) -> int:
@@ -91,8 +118,35 @@ def _useful(tokens: list[int], stops: set) -> int:
     return len(tokens)
 
 
+def _process_age() -> float:
+    """Seconds since this process was created (interpreter start included)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+def _tree_cpu() -> float:
+    """CPU seconds (user + system) of this process and its live descendants (vLLM's engine core)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+# ----------------------------------------------------------------------------- in-process and transformers
+
+
 def bench_hf(hf, prompts: list[list[int]], batch: int, new: int, stops: list[int]) -> tuple[float, float, int]:
     """(cpu seconds, wall seconds, produced tokens) of HF sampling over consecutive left-padded batches."""
+    import torch
+
     torch.manual_seed(0)
     cpu, wall, tokens = time.process_time(), time.perf_counter(), 0
     with torch.inference_mode():
@@ -121,67 +175,236 @@ def bench_ours(model, pstate, prompts: list[list[int]], batch: int, new: int, st
     return time.process_time() - cpu, time.perf_counter() - wall, sum(len(o[0]) for o in outs)
 
 
-def greedy_agrees(hf, model, pstate, prompts: list[list[int]], vocab: int) -> bool:
+def greedy_ours(model, pstate, prompts: list[list[int]], vocab: int) -> list[list[int]]:
     from spin_mcore.generation import SamplingParams, generate_tokens
 
-    ours = generate_tokens(model, pstate, prompts, SamplingParams(temperature=0.0, max_new_tokens=8),
+    outs = generate_tokens(model, pstate, prompts, SamplingParams(temperature=0.0, max_new_tokens=GREEDY_NEW),
                            batch_size=len(prompts), progress=False, vocab_size=vocab)
+    return [o[0] for o in outs]
+
+
+def greedy_hf(hf, prompts: list[list[int]]) -> list[list[int]]:
+    import torch
+
     with torch.inference_mode():
-        ref = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0,
-                           eos_token_id=None)[0, len(p):].tolist() for p in prompts]
-    return [o[0] for o in ours] == ref
+        return [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=GREEDY_NEW, min_new_tokens=GREEDY_NEW,
+                            pad_token_id=0, eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+
+
+# ----------------------------------------------------------------------------- startup (fresh interpreters)
+
+
+def startup_child(kind: str, directory: str, slots: int, max_len: int) -> None:
+    """Runs in a fresh interpreter: import + load one backend, print seconds since process creation."""
+    warnings.filterwarnings("ignore")
+    if kind == "ours":
+        load_ours(directory, slots, max_len)
+    else:
+        from transformers import LlamaForCausalLM
+
+        LlamaForCausalLM.from_pretrained(directory).eval()
+    print(json.dumps({"startup_s": _process_age()}))
+
+
+def measure_startup(kind: str, directory: str, slots: int, max_len: int, threads: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--startup-child", kind, directory, str(slots), str(max_len),
+                          "--threads", str(threads)], capture_output=True, text=True, env=_env(threads))
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} startup child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["startup_s"]
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+# ----------------------------------------------------------------------------- vLLM (runs in .venv-vllm)
+
+
+def vllm_child(spec_path: str) -> None:
+    """Runs under the vLLM environment's interpreter: one engine start, greedy check, each batch timed.
+
+    Writes ``spec["result"]``: startup seconds (from process creation, ``import vllm``
+    included), greedy token ids, and per batch (cpu seconds, wall seconds, tokens).
+    """
+    from spin_mcore.generation.workers import protocol
+    from spin_mcore.generation.workers.vllm_worker import llm_kwargs, sampling_kwargs
+    from spin_mcore.utils.io import atomic_write_json
+
+    spec = json.loads(Path(spec_path).read_text())
+    job = protocol.Job.load(spec["job"])
+    import vllm
+    from vllm.sampling_params import RequestOutputKind
+
+    llm = vllm.LLM(**llm_kwargs(job))
+    startup = _process_age()
+    engine = llm.llm_engine
+
+    def run(prompts: list[list[int]], params_of, concurrency: int) -> list[list[int]]:
+        """Keep at most ``concurrency`` requests in flight; return each prompt's output ids."""
+        outs: dict[str, list[int]] = {}
+        waiting = list(enumerate(prompts))[::-1]
+        inflight = 0
+        while waiting or inflight:
+            while waiting and inflight < concurrency:
+                i, p = waiting.pop()
+                params = params_of(i, p)
+                params.output_kind = RequestOutputKind.FINAL_ONLY
+                engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)
+                inflight += 1
+            for o in engine.step():
+                if o.finished:
+                    outs[o.request_id] = list(o.outputs[0].token_ids)
+                    inflight -= 1
+        # assign_request_id may decorate the id: match on the "r<i>" prefix.
+        by_index = {int(k[1:].split("-")[0]): v for k, v in outs.items()}
+        return [by_index[i] for i in range(len(prompts))]
+
+    greedy = run(spec["greedy_prompts"], lambda i, p: vllm.SamplingParams(
+        temperature=0.0, max_tokens=spec["greedy_new"], ignore_eos=True, detokenize=False), len(spec["greedy_prompts"]))
+    sampling = job.sampling
+
+    def sampled(i, p):
+        return vllm.SamplingParams(**sampling_kwargs(sampling, str(i), sampling["max_new_tokens"]))
+
+    run(spec["prompts"][:2], sampled, 2)  # warm-up
+    rows = {}
+    for b in spec["batches"]:
+        prompts = spec["prompts"][:4 * b]
+        best = None
+        for _ in range(spec["repeats"]):
+            cpu, wall = _tree_cpu(), time.perf_counter()
+            outs = run(prompts, sampled, b)
+            r = (_tree_cpu() - cpu, time.perf_counter() - wall, sum(len(o) for o in outs))
+            best = r if best is None or r[0] < best[0] else best
+        rows[str(b)] = best
+    atomic_write_json(spec["result"], {"startup_s": startup, "greedy": greedy, "batches": rows,
+                                       "vllm": vllm.__version__})
+
+
+def run_vllm(python: Path, directory: str, work: Path, prompts, greedy_prompts, batches, new: int, stops, vocab: int,
+             threads: int, repeats: int) -> dict:
+    """Start :func:`vllm_child` under ``python`` (the vLLM environment) and return its result."""
+    from spin_mcore.generation.workers import protocol
+
+    job = protocol.Job(model=directory, dtype="float32", max_model_len=SEQ,
+                       engine={"max_num_seqs": max(batches), "memory_fraction": None, "tensor_parallel_size": 1,
+                               "seed": 0, "device": "cpu"},
+                       sampling={"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": new,
+                                 "num_samples": 1, "seed": 0, "stop_ids": stops, "vocab_size": vocab,
+                                 "model_vocab_size": vocab},
+                       sets=[], status=str(work / "status.json"))
+    spec = {"job": str(job.save(work / "job.json")), "prompts": prompts, "greedy_prompts": greedy_prompts,
+            "greedy_new": GREEDY_NEW, "batches": list(batches), "repeats": repeats, "result": str(work / "vllm.json")}
+    (work / "spec.json").write_text(json.dumps(spec))
+    env = _env(threads)
+    env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}" if threads > 1 else "0"
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default size's 32 x 256 tokens need ~0.1
+    out = subprocess.run([str(python), __file__, "--vllm-child", str(work / "spec.json")], capture_output=True,
+                         text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"vLLM benchmark child failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
+    return json.loads((work / "vllm.json").read_text())
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _best(fn, repeats: int):
+    return min((fn() for _ in range(repeats)), key=lambda r: r[0])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller model and fewer tokens (CI smoke)")
+    ap.add_argument("--quick", action="store_true", help="tiny model and fewer tokens (CI smoke, < 2 min)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")),
-                    help="torch CPU threads for both engines (1 avoids spin-wait contention on shared machines)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed repeats per point (best is reported)")
+                    help="CPU threads for every backend (1 avoids spin-wait contention on shared machines)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed repeats per point (best CPU time is reported)")
+    ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
+                    help="interpreter of the vLLM environment (bash launch/setup_vllm.sh creates it)")
+    ap.add_argument("--vllm-child", help=argparse.SUPPRESS)
+    ap.add_argument("--startup-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads < 1 or args.threads > (os.cpu_count() or 1):
+        raise ValueError(f"--threads={args.threads}: must be in 1..{os.cpu_count()} (the cores vLLM binds to)")
+    if args.vllm_child:
+        return vllm_child(args.vllm_child)
+    import torch
+
     torch.set_num_threads(args.threads)
-    hidden, layers, vocab, new = (128, 2, 1024, 32) if args.quick else (256, 4, 4096, 64)
+    if args.startup_child:
+        kind, directory, slots, max_len = args.startup_child
+        return startup_child(kind, directory, int(slots), int(max_len))
+    vllm_python = Path(args.vllm_python)
+    if not vllm_python.exists():
+        raise ValueError(f"--vllm-python={vllm_python} does not exist: create it with `bash launch/setup_vllm.sh`")
+    warnings.filterwarnings("ignore")
+
+    size = "quick" if args.quick else "default"
+    hidden, layers, heads, kv, vocab, (lo, hi), new = SIZES[size]
     batches = (1, 8, 32)
     stops = stop_set(vocab)
+    prompts = make_prompts(size, 4 * max(batches))
+    greedy_prompts = prompts[:GREEDY_PROMPTS]
+    max_len = hi + new
+    load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory() as tmp:
-        hf, model, pstate, cfg = build_models(hidden, layers, vocab, 256, tmp)
-    g = torch.Generator().manual_seed(1)
-    all_prompts = [torch.randint(3, vocab, (int(n),), generator=g).tolist()
-                   for n in torch.randint(16, 64, (4 * max(batches),), generator=g)]
-    same = greedy_agrees(hf, model, pstate, all_prompts[:3], vocab)
-    print(f"model: hidden {hidden}, layers {layers}, vocab {vocab}; 4 x batch prompts of 16-63 tokens, <= {new} new "
-          f"tokens, sampled, {len(stops)} stop ids; {args.threads} thread(s); best of {args.repeats}; "
-          f"greedy tokens identical to HF: {same}")
-    print(f"{'batch':>5} {'prompts':>7} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'wall ratio':>10}")
+        directory = str(Path(tmp) / "hf")
+        hf = save_hf_model(size, directory)
+        startup = {"ours": measure_startup("ours", directory, max(batches), max_len, args.threads),
+                   "hf": measure_startup("hf", directory, max(batches), max_len, args.threads)}
+        vl = run_vllm(vllm_python, directory, Path(tmp), prompts, greedy_prompts, batches, new, stops, vocab,
+                      args.threads, args.repeats)
+        startup["vllm"] = vl["startup_s"]
+        model, pstate = load_ours(directory, 1, max_len)
+
+    g_ours, g_hf = greedy_ours(model, pstate, greedy_prompts, vocab), greedy_hf(hf, greedy_prompts)
+    same = g_ours == g_hf == vl["greedy"]
+    print(f"model: hidden {hidden}, layers {layers}, heads {heads} (kv {kv}, head size {hidden // heads}), vocab "
+          f"{vocab}, fp32; 4 x batch prompts of {lo}-{hi - 1} tokens, <= {new} new tokens, sampled at T=1, "
+          f"{len(stops)} stop ids; {args.threads} thread(s) each (vLLM: VLLM_CPU_OMP_THREADS_BIND="
+          f"{'0' if args.threads == 1 else f'0-{args.threads - 1}'}); best of {args.repeats} by CPU time; "
+          f"vllm {vl['vllm']}")
+    print(f"greedy token ids identical (in-process / transformers / vLLM, {GREEDY_PROMPTS} prompts x {GREEDY_NEW}): "
+          f"{same}")
+    print("startup (fresh process until the first generate can run): " +
+          ", ".join(f"{k} {v:.1f} s" for k, v in startup.items()))
+    bench_ours(model, pstate, prompts[:2], 2, 2, stops, vocab)  # warm-up
+    bench_hf(hf, prompts[:2], 2, 2, stops)
+    print(f"{'batch':>5} {'ours tok/s':>10} {'hf tok/s':>9} {'vllm tok/s':>10} {'ours/hf':>8} {'vllm/ours':>9} "
+          f"{'vllm/hf':>8}   wall tok/s ours / hf / vllm")
     rows = {}
-    bench_ours(model, pstate, all_prompts[:2], 2, 2, stops, vocab)  # warm-up
-    bench_hf(hf, all_prompts[:2], 2, 2, stops)
     for b in batches:
-        prompts = all_prompts[:4 * b]
-        ours = min((bench_ours(model, pstate, prompts, b, new, stops, vocab) for _ in range(args.repeats)),
-                   key=lambda r: r[0])
-        theirs = min((bench_hf(hf, prompts, b, new, stops) for _ in range(args.repeats)), key=lambda r: r[0])
-        o_tps, h_tps = ours[2] / ours[0], theirs[2] / theirs[0]
-        wall_ratio = (ours[2] / ours[1]) / (theirs[2] / theirs[1])
-        rows[b] = {"prompts": len(prompts), "ours_tok_s": round(o_tps, 1), "hf_tok_s": round(h_tps, 1),
-                   "ratio": round(o_tps / h_tps, 2), "wall_ratio": round(wall_ratio, 2),
-                   "ours_tokens": ours[2], "hf_tokens": theirs[2]}
-        print(f"{b:>5} {len(prompts):>7} {o_tps:>11.1f} {h_tps:>9.1f} {o_tps / h_tps:>6.2f} {wall_ratio:>10.2f}")
-
-    est = trtllm_estimates()
-    print("Expected TensorRT-LLM generation time, 50k prompts x 300 new tokens, 8 x H100:")
-    for name, e in est.items():
-        print(f"  {name}: {e['per_gpu_tok_s']:,} tok/s/GPU -> {e['tok_s_8gpu']:,} tok/s -> {e['seconds']:,} s "
-              f"({e['hours']} h)")
-    print("  source: TensorRT-LLM perf overview, Llama-3.1-70B FP8 TP8 H100 ~14.7k output tok/s; 7B scaled by "
-          "parameter count (estimate). SPIN paper reference: 1.45 h per iteration on 8 x A100 for 7B.")
+        chunk = prompts[:4 * b]
+        ours = _best(lambda: bench_ours(model, pstate, chunk, b, new, stops, vocab), args.repeats)
+        theirs = _best(lambda: bench_hf(hf, chunk, b, new, stops), args.repeats)
+        res = {"ours": ours, "hf": theirs, "vllm": tuple(vl["batches"][str(b)])}
+        cpu = {k: r[2] / r[0] for k, r in res.items()}
+        wall = {k: r[2] / r[1] for k, r in res.items()}
+        rows[b] = {"prompts": len(chunk), **{f"{k}_tok_s": round(v, 1) for k, v in cpu.items()},
+                   **{f"{k}_wall_tok_s": round(v, 1) for k, v in wall.items()},
+                   **{f"{k}_tokens": r[2] for k, r in res.items()},
+                   "ours_over_hf": round(cpu["ours"] / cpu["hf"], 2), "vllm_over_ours": round(cpu["vllm"] / cpu["ours"], 2),
+                   "vllm_over_hf": round(cpu["vllm"] / cpu["hf"], 2)}
+        r = rows[b]
+        print(f"{b:>5} {cpu['ours']:>10.1f} {cpu['hf']:>9.1f} {cpu['vllm']:>10.1f} {r['ours_over_hf']:>8.2f} "
+              f"{r['vllm_over_ours']:>9.2f} {r['vllm_over_hf']:>8.2f}   "
+              f"{wall['ours']:.1f} / {wall['hf']:.1f} / {wall['vllm']:.1f}")
+    load_after = os.getloadavg()
+    print(f"load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
+          f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} on {os.cpu_count()} cores")
     print(json.dumps({"benchmark": "generation", "quick": args.quick, "threads": args.threads,
-                      "model": {"hidden": hidden, "layers": layers, "vocab": vocab}, "max_new_tokens": new,
-                      "greedy_tokens_identical": same,
-                      "batches": rows, "ratio_at_32": rows[32]["ratio"], "target_ratio_at_32": 1.5,
-                      "trtllm_8xh100_50k_x_300": est}))
+                      "model": {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv, "vocab": vocab},
+                      "prompt_tokens": [lo, hi - 1], "max_new_tokens": new, "greedy_tokens_identical": same,
+                      "startup_s": {k: round(v, 2) for k, v in startup.items()}, "batches": rows,
+                      "ours_over_hf_at_32": rows[32]["ours_over_hf"], "target_ours_over_hf_at_32": 1.5,
+                      "vllm_over_ours_at_32": rows[32]["vllm_over_ours"], "vllm_over_hf_at_32": rows[32]["vllm_over_hf"],
+                      "loadavg_1min": [round(load_before[0], 2), round(load_after[0], 2)], "vllm": vl["vllm"]}))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # vLLM spawns processes: the entry must be guarded
     main()
