@@ -175,6 +175,43 @@ def test_serve_writes_whole_shards_in_the_protocol(tmp_path, monkeypatch):
     assert tw.serve(job, _FakeLLM(), trtllm)["shards"] == 0
 
 
+class _FakeEngine(_FakeLLM):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw, self.shut = kw, False
+        _FakeEngine.last = self
+
+    def shutdown(self):
+        self.shut = True
+
+
+def test_main_one_engine_for_the_job_status_and_fp8_checkpoint_reuse(tmp_path, monkeypatch):
+    """main() with a fake tensorrt_llm: one LLM built from the job, STATUS.json, the FP8 copy used then removed."""
+    trtllm = _fake_trtllm(monkeypatch)
+    llmapi = ModuleType("tensorrt_llm.llmapi")
+    llmapi.KvCacheConfig = lambda **kw: ("KvCacheConfig", kw)
+    trtllm.llmapi, trtllm.LLM = llmapi, _FakeEngine
+    monkeypatch.setitem(sys.modules, "tensorrt_llm.llmapi", llmapi)
+    protocol.write_prompts(tmp_path / "prompts.jsonl", ["p0", "p1", "p2"], _prompts()[:3])
+    sets = [protocol.PromptSet("train", str(tmp_path / "prompts.jsonl"), str(tmp_path / "train"), "fp", 2, [0, 1])]
+    job = _job(tmp_path, sets, quantization="fp8", tensor_parallel_size=1)
+    fp8 = tw.fp8_dir(job)
+    assert fp8 == tmp_path / "hf-fp8"
+    fp8.mkdir()
+    (fp8 / "hf_quant_config.json").write_text("{}")  # a finished ModelOpt export (from a killed earlier worker)
+    assert tw.main([str(job.save(tmp_path / "job.json"))]) == 0
+    eng = _FakeEngine.last
+    assert eng.kw["model"] == str(fp8) and eng.kw["max_batch_size"] == 48 and eng.shut
+    assert eng.kw["kv_cache_config"] == ("KvCacheConfig", {"free_gpu_memory_fraction": 0.35})
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["engine_starts"] == 1 and status["shards"] == 2 and status["quantization"] == "fp8"
+    assert status["generated_tokens"] == 3 * 3 and status["load_seconds"] >= 0 and "generate_seconds" in status
+    assert not fp8.exists()  # every shard written: the FP8 copy goes, like the export
+    bad = _job(tmp_path, sets, quantization="int4").save(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="engine.quantization='int4'"):
+        tw.main([str(bad)])
+
+
 def test_a_trtllm_without_logprob_mode_is_refused(tmp_path, monkeypatch):
     trtllm = _fake_trtllm(monkeypatch, with_logprob_mode=False)
     with pytest.raises(RuntimeError, match="0.0-fake has no SamplingParams.logprobs_mode.*tensorrt_llm==1.2.1"):
@@ -230,8 +267,9 @@ def test_trtllm_worker_matches_transformers_with_eos(tmp_path):
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-5,
                          rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2, bos_token_id=BOS,
                          eos_token_id=EOS, pad_token_id=0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "hf", safe_serialization=True)
-    ref = LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    ref = model.float().eval()  # the bf16-rounded weights, run in fp32
     stop = _hf_greedy_until(ref, _prompts(), stop=-1)[0][3]  # prompt 0 stops after 4 tokens
     expected = _hf_greedy_until(ref, _prompts(), stop)
     assert expected[0][-1] == stop and any(len(e) == MAX_NEW and stop not in e for e in expected)

@@ -199,8 +199,9 @@ def quantize_fp8(job) -> Path:
     """ModelOpt FP8 (per-tensor, ``FP8_DEFAULT_CFG``) checkpoint of the job's HF export; returns its directory.
 
     Calibrated on up to :data:`FP8_CALIBRATION_PROMPTS` of the job's own prompts. Written to a
-    temporary sibling and renamed: a killed worker leaves no half checkpoint, and a finished one
-    is reused by the resumed job (the export directory is per iteration).
+    temporary sibling of the export and renamed: a killed worker leaves no half checkpoint, and a
+    finished one is reused by the resumed job (the export is theta_t's, per iteration); the worker
+    deletes it once every shard is written, as the parent deletes the export.
     """
     out = fp8_dir(job)
     if (out / "hf_quant_config.json").exists():
@@ -299,6 +300,8 @@ def main(argv: list[str]) -> int:
         counts = serve(job, llm, trtllm)
     finally:
         llm.shutdown()  # stops the executor's MPI workers (tensor_parallel_size > 1)
+    if quant == "fp8":
+        shutil.rmtree(model_dir, ignore_errors=True)  # every shard is written: a 70B FP8 copy is 70 GB
     atomic_write_json(job.status, {"engine_starts": 1, "load_seconds": load_seconds,
                                    "tensorrt_llm": trtllm.__version__, "quantization": quant, **counts})
     return 0
