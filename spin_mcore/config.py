@@ -153,15 +153,15 @@ class GenerationConfig:
     seed: int = _f(0, "Sampling seed; each (prompt, sample) gets its own stream so batching does not change output.")
     shard_size: int = _f(256, "Prompts per output shard (the unit of resume).")
     overlong_prompts: str = _f("truncate", "What to do with prompts longer than the context: truncate (left) or reject.")
-    trt_tp: int = _f(1, "TensorRT-LLM tensor-parallel size.")
-    trt_instances: int = _f(1, "Data-parallel TensorRT-LLM / vLLM instances.")
+    engine_tensor_parallel: int = _f(1, "Tensor-parallel size of the external engine (vLLM tensor_parallel_size, "
+                                     "TensorRT-LLM tensor_parallel_size): GPUs of its one instance.")
     python: Optional[str] = _f(None, "Interpreter of the external engine's own environment: the worker runs as "
                                "`<python> -m spin_mcore.generation.workers.<backend>_worker JOB.json`. None: "
                                ".venv-<backend>/bin/python in the checkout (launch/setup_vllm.sh and "
                                "launch/setup_trtllm.sh create them); a relative path is resolved against the checkout.")
     engine_launcher: str = _f("auto", "How rank 0 starts the external engine's worker: local (a child process, sees "
                               "the node's devices) or srun (its own SLURM job step inside the allocation, "
-                              "`srun --overlap --ntasks=1` on rank 0's node with generation.trt_tp GPUs). auto: srun "
+                              "`srun --overlap --ntasks=1` on rank 0's node with generation.engine_tensor_parallel GPUs). auto: srun "
                               "inside a SLURM job with srun on PATH, else local.")
     engine_quantization: Optional[str] = _f(None, "Weights the external engine runs: None (the export's dtype) or fp8 "
                                             "(TensorRT-LLM on CUDA only: the HF export is quantised with NVIDIA "
@@ -222,6 +222,13 @@ class TrainConfig:
                             "gradient-accumulation into main_grad, persistent layer norm): auto (on with CUDA and "
                             "Transformer Engine, else off), on (refused without both), or off.")
     pack_sequences: bool = _f(False, "SPIN only: pack several pairs per micro-batch row [1, 2 * micro_batch_size * seq_length] with block-diagonal attention (PackedSeqParams) instead of padding each sequence.")
+    fused_linear_logprobs: bool = _f(False, "Training (SPIN, SFT) and the reference pass: the model stops at the final "
+                                     "hidden states and the fused linear log-prob op (spin_mcore/logprobs/fused_linear.py) "
+                                     "applies the output layer in token chunks, so the [tokens, vocab/tp] logits never "
+                                     "exist whole (one more output-layer matmul in backward). Not with "
+                                     "train.pack_sequences or parallel.sequence_parallel.")
+    fused_linear_chunk_tokens: int = _f(512, "train.fused_linear_logprobs: tokens per chunk; the logits alive at once "
+                                        "are chunk x vocab/tp.")
 
 
 @dataclass
@@ -487,6 +494,8 @@ def validate(cfg: Config) -> None:
         if g.backend != "trtllm":
             raise ConfigError(f"generation.engine_quantization={g.engine_quantization}: only generation.backend=trtllm "
                               f"runs quantised engine weights (got backend={g.backend})")
+    if g.engine_tensor_parallel < 1:
+        raise ConfigError(f"generation.engine_tensor_parallel={g.engine_tensor_parallel}: must be >= 1")
     if g.engine_max_num_seqs < 1:
         raise ConfigError(f"generation.engine_max_num_seqs={g.engine_max_num_seqs}: must be >= 1")
     if g.engine_memory_fraction is not None and not 0 < g.engine_memory_fraction <= 1:
@@ -506,6 +515,14 @@ def validate(cfg: Config) -> None:
     _choice("train.objective", t.objective, ("spin", "sft"))
     if t.pack_sequences and t.objective != "spin":
         raise ConfigError("train.pack_sequences=true needs train.objective=spin (SFT rows are not packed)")
+    if t.fused_linear_logprobs and t.pack_sequences:
+        raise ConfigError("train.fused_linear_logprobs=true does not support train.pack_sequences=true (packed rows "
+                          "score per segment from materialised logits)")
+    if t.fused_linear_logprobs and cfg.parallel.sequence_parallel:
+        raise ConfigError("train.fused_linear_logprobs=true does not support parallel.sequence_parallel=true (the op "
+                          "takes the whole sequence's hidden states on every TP rank)")
+    if t.fused_linear_chunk_tokens < 1:
+        raise ConfigError(f"train.fused_linear_chunk_tokens={t.fused_linear_chunk_tokens}: must be >= 1")
     _choice("train.optimizer", t.optimizer, ("rmsprop", "adam"))
     _choice("train.fused_kernels", t.fused_kernels, ("auto", "on", "off"))
     if t.fused_kernels == "on" and getattr(getattr(cfg, "platform", None), "device", None) == "cpu":

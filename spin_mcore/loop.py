@@ -141,58 +141,19 @@ def evaluate(cfg: Config, pstate, data: Prepared, checkpoint: str, heldout_pairs
 
 
 def generate_with_engine(cfg: Config, pstate, run: RunDir, t: int, theta: str, sets: list, tok) -> dict:
-    """Step 1 with an external engine (``generation.backend=vllm``): y' for every prompt set of
-    iteration t from ONE engine start. Collective; returns the worker's status (rank 0; ``{}`` elsewhere).
+    """Step 1 with an external engine (``generation.backend=vllm|trtllm``): y' for every prompt set of
+    iteration t from ONE engine start (:func:`spin_mcore.generation.external.generate_with_engine`).
 
-    sets: ``(name, prompts)``, written to ``iter_t/<name>_generation``. theta_t is exported to HF once
-    (every rank takes part in the export) and freed before the engine starts; the other ranks wait in
-    a long-timeout gloo barrier (:func:`spin_mcore.generation.external.long_barrier`) meanwhile.
-    Complete shards are never generated again (see :mod:`spin_mcore.generation.external`).
+    sets: ``(name, prompts)``, written to ``iter_t/<name>_generation``. Collective.
     """
-    import torch
-
     from spin_mcore.generation import external
-    from spin_mcore.models.hf_convert import export_hf
-    from spin_mcore.utils.io import atomic_write_json
 
     it_dir = run.iteration(t)
-    plan = external.plan_engine_job(cfg, pstate, [(n, p, it_dir / f"{n}_generation") for n, p in sets], tok, t,
-                                    str(theta))
-    engine: dict = {"engine_starts": 0}
-    if plan.needed:
-        external.check_engine_model(cfg.generation.backend, cfg.model, "cuda" if torch.cuda.is_available() else "cpu")
-        model = load_policy(cfg, pstate, theta)
-        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        hf_dir = export_hf(model, pstate, it_dir / "engine_export", cfg.model)
-        del model  # the engine gets the memory
-        gc.collect()
-        failure = [None]
-        if pstate.rank == 0:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            try:
-                job = external.write_job(cfg, plan, hf_dir, dtype, it_dir / "engine_job", tok, device)
-                engine = external.run_engine(cfg, job, device)
-            except BaseException as exc:  # the other ranks learn of it after the barrier, then all raise
-                failure[0] = exc
-        external.long_barrier()
-        from spin_mcore.platform import preemption
-
-        flag = [None if failure[0] is None else type(failure[0]).__name__]
-        if dist.is_initialized():
-            dist.broadcast_object_list(flag, src=0)
-        if failure[0] is not None:
-            raise failure[0]
-        if flag[0] == "Preempted":  # every rank stops the same way, so the requeued job resumes
-            raise preemption.preempted("generation engine (on rank 0)")
-        if flag[0] is not None:
-            raise RuntimeError(f"rank 0's generation engine failed ({flag[0]}; its message is in rank 0's output)")
-    if pstate.rank == 0:
-        external.finish_stages(cfg, plan, tok, t, str(theta), engine)
-        if plan.needed:
-            atomic_write_json(it_dir / "engine.json", {"backend": cfg.generation.backend, **engine})
-        _log(pstate, f"iter {t}: {cfg.generation.backend} engine: {engine.get('engine_starts', 0)} start(s), "
-                     f"{engine.get('generated_tokens', 0)} tokens")
-    _barrier()
+    engine = external.generate_with_engine(cfg, pstate, lambda: load_policy(cfg, pstate, theta),
+                                           [(n, p, it_dir / f"{n}_generation") for n, p in sets], tok, t, str(theta),
+                                           it_dir)
+    _log(pstate, f"iter {t}: {cfg.generation.backend} engine: {engine.get('engine_starts', 0)} start(s), "
+                 f"{engine.get('generated_tokens', 0)} tokens")
     return engine
 
 

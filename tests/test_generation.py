@@ -1,6 +1,6 @@
 """Opponent generation: the in-process KV-cache engine against transformers and against
-recomputation, seeded sampling, the resumable stage, bad input and the GPU backends'
-argument construction.
+recomputation, seeded sampling, the resumable stage and bad input (the external engines:
+tests/test_vllm_engine.py, tests/test_engine_launch.py).
 
 Multi-process checks are batched: one 1-process run (TP=1) and one 2-process run
 (TP=2, then TP=1 x DP=2) carry all engine and stage checks.
@@ -17,7 +17,6 @@ import torch
 
 from spin_mcore.config import ConfigError, load_config
 from spin_mcore.generation import SamplingParams
-from spin_mcore.generation import backends
 from spin_mcore.generation.sampling import filter_logits, sample_tokens
 from spin_mcore.generation.stage import prepare_prompts
 from spin_mcore.launcher import run_local
@@ -342,52 +341,6 @@ def test_overlong_prompts_truncate_or_reject_and_are_counted():
     assert rep["prompts_rejected"] == 1 and rep["rejected_ids"] == ["long"] and rep["prompts_truncated"] == 0
     with pytest.raises(ConfigError, match="no room"):
         prepare_prompts(ps, 0, "truncate", BOS)
-
-
-def test_missing_backend_package_fails_at_configuration_with_install_hint(monkeypatch):
-    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)
-    for name, pkg in (("trtllm", "tensorrt_llm"), ("vllm", "vllm")):
-        with pytest.raises(ConfigError, match=rf"{pkg}.*pip install 'spin_mcore\[gpu\]'"):
-            backends.check_backend_available(name)
-    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: object())
-    with pytest.raises(ConfigError, match="needs 4 CUDA GPU"):
-        backends.check_backend_available("vllm", gpu_count=2, needed_gpus=4)
-
-
-# ----------------------------------------------------------------------------- backend arguments
-
-
-def test_backend_engine_and_sampling_arguments():
-    cfg = load_config(overrides=["generation.trt_tp=4", "generation.trt_instances=2", "generation.batch_size=64",
-                                 "generation.seed=9"])
-    p = SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=300, stop_ids=(EOS,), seed=9, num_samples=2)
-    v = backends.vllm_llm_kwargs(cfg.generation, "/x/hf", 2048, torch.bfloat16)
-    assert v == dict(model="/x/hf", tokenizer="/x/hf", tensor_parallel_size=4, dtype="bfloat16", seed=9,
-                     max_model_len=2048, max_num_seqs=64, skip_tokenizer_init=True)
-    vs = backends.vllm_sampling_kwargs(p, "id-1")
-    assert vs["n"] == 2 and vs["top_k"] == -1 and vs["max_tokens"] == 300 and vs["stop_token_ids"] == [EOS]
-    assert vs["seed"] == backends.sample_seed(9, "id-1", 0) != backends.vllm_sampling_kwargs(p, "id-2")["seed"]
-    t = backends.trtllm_llm_kwargs(cfg.generation, "/x/hf", 2048, torch.bfloat16)
-    assert t["tensor_parallel_size"] == 4 and t["max_batch_size"] == 64 and t["dtype"] == "bfloat16"
-    ts = backends.trtllm_sampling_kwargs(p, "id-1", end_id=EOS)
-    assert ts["top_k"] is None and ts["temperature"] == 0.7 and ts["end_id"] == EOS and ts["n"] == 2
-    greedy = backends.trtllm_sampling_kwargs(SamplingParams(temperature=0), "a")
-    assert greedy["top_k"] == 1 and greedy["temperature"] == 0.0
-    assert backends.instance_gpu_sets(4, 2, 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    with pytest.raises(ConfigError, match="only 4 are visible"):
-        backends.instance_gpu_sets(4, 2, 4)
-    assert backends.split_for_instances(5, 2) == [[0, 2, 4], [1, 3]]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_vllm_backend_greedy_matches_transformers(hf_model):
-    pytest.importorskip("vllm")
-    cfg = load_config(overrides=_overrides() + ["generation.backend=vllm"])
-    be = backends.HFEngineBackend("vllm", cfg.generation, hf_model[1], 64, torch.float32)
-    out = be.generate(_prompts(), [str(i) for i in range(len(PROMPT_LENS))],
-                      SamplingParams(temperature=0, max_new_tokens=MAX_NEW, stop_ids=(EOS,)))
-    assert [o[0] for o in out] == _hf_greedy(hf_model[0], _prompts())
 
 
 def _sample_with_small_tokenizer(tmp: str) -> dict:

@@ -20,8 +20,9 @@ from spin_mcore.generation.workers import protocol
 from spin_mcore.launcher import run_local
 from tests.test_generation import BOS, EOS, MAX_NEW, VOCAB, _prompts
 
-# vLLM's CPU attention takes head sizes 32, 64, 80, ... (not the tiny preset's 16): 2 heads of 32.
-HEADS = ["model.num_attention_heads=2", "model.num_query_groups=1"]
+# vLLM's CPU attention takes head sizes 32, 64, 80, ... (not the tiny preset's 16): 2 heads of 32, and
+# 2 KV heads so the in-process engine also runs at TP=2.
+HEADS = ["model.num_attention_heads=2", "model.num_query_groups=2"]
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -60,7 +61,7 @@ def hf_model(tmp_path_factory):
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                          rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2,
                          bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0)
     model = LlamaForCausalLM(config).eval()
@@ -69,11 +70,11 @@ def hf_model(tmp_path_factory):
     return model, str(path)
 
 
-def _megatron_greedy(hf_dir: str, stop: int) -> list[list[int]]:
+def _megatron_greedy(tp: int, hf_dir: str, stop: int) -> list[list[int]]:
     from spin_mcore.generation import SamplingParams, generate_tokens
     from tests.test_generation import _setup
 
-    cfg, pstate, model = _setup(1, hf_dir, HEADS)
+    cfg, pstate, model = _setup(tp, hf_dir, HEADS)
     out = generate_tokens(model, pstate, _prompts(), SamplingParams(temperature=0, max_new_tokens=MAX_NEW,
                                                                    stop_ids=(stop,)),
                           batch_size=2, progress=False, vocab_size=VOCAB)
@@ -103,20 +104,23 @@ def engine_run(hf_model, tmp_path_factory):
                                "device": "cpu"},
                        sampling={**base, "temperature": 0.0, "num_samples": 1}, sets=sets,
                        status=str(tmp / "status.json"))
-    status = run_engine(load_config(overrides=[]), job.save(tmp / "job.json"), "cpu")
-    (mega,) = run_local(_megatron_greedy, 1, hf_dir, stop)
+    status = run_engine(load_config(overrides=["generation.backend=vllm"]), job.save(tmp / "job.json"), "cpu")
+    (mega,) = run_local(_megatron_greedy, 1, 1, hf_dir, stop)
+    mega_tp2 = run_local(_megatron_greedy, 2, 2, hf_dir, stop)
     read = {s.name: [r for k in range(3) for r in protocol.read_engine_shard(s.out_dir, k)] for s in sets}
-    return {"stop": stop, "free": free, "status": status, "megatron": mega, **read, "tmp": tmp}
+    return {"stop": stop, "free": free, "status": status, "megatron": mega, "megatron_tp2": mega_tp2, **read,
+            "tmp": tmp}
 
 
 def test_greedy_parity_vllm_transformers_megatron_with_eos(hf_model, engine_run):
-    """Token ids identical across the three engines, y' ending in the stop id exactly when it stopped there."""
+    """Token ids identical across the engines (vLLM, transformers, in-process TP1 and TP2), y' ending in the stop id exactly when it stopped there."""
     expected = _hf_greedy_until(hf_model[0], _prompts(), engine_run["stop"])
     got = [r["generated_ids"] for r in engine_run["greedy"]]
     assert expected[0][-1] == engine_run["stop"] and len(expected[0]) == 4  # stopped on the stop id, kept it
     assert any(len(e) == MAX_NEW and engine_run["stop"] not in e for e in expected)  # and a length-capped one
     assert got == expected
     assert engine_run["megatron"] == expected
+    assert engine_run["megatron_tp2"] == [expected, expected]  # both TP ranks return the full outputs
     assert [r["finish_reason"] for r in engine_run["greedy"]] == ["stop" if e[-1] == engine_run["stop"] and
                                                                   len(e) < MAX_NEW else "length" for e in expected]
     assert engine_run["status"]["engine_starts"] == 1 and engine_run["status"]["shards"] == 6
@@ -212,7 +216,8 @@ def test_spin_iteration_with_vllm_resumes_after_worker_kill_one_engine_start_and
     # 40 train prompts in shards of 16 (3), 4 held-out (1). The kill left train shard 0 only; the resumed
     # run's single engine start generated the other 3 and kept shard 0 as it was.
     assert killed["shards"] == ["00000"]
-    assert engine["engine_starts"] == 1 and engine["shards"] == 2 + 1
+    assert engine["engine_starts"] == 1 and engine["shards"] == 2 + 1 and engine["launcher"] == "local"
+    assert not (it / "engine_export").exists()  # theta_t's HF export is deleted once its shards are converted
     assert (it / "train_generation" / "engine" / "shard-00000.jsonl").read_bytes() == killed["shard0"]
     for name in ("train", "heldout"):
         summary = json.loads((it / f"{name}_generation" / "manifest.json").read_text())["summary"]

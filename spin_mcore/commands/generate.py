@@ -3,7 +3,8 @@
 Loads theta_t (``--checkpoint`` mcore dir, ``--hf`` HF dir, else ``run.init_checkpoint``),
 the SFT prompts of ``data.path`` (tokenised with ``data.tokenizer``), and writes the
 resumable shard directory ``--out`` (default ``RUN_DIR/iter_N/train_generation``, as in the loop). Re-running
-the same command resumes a killed run.
+the same command resumes a killed run. ``generation.backend=vllm|trtllm`` runs the external engine
+exactly as the loop does: one export of theta_t, one engine start for every missing shard.
 """
 
 from __future__ import annotations
@@ -24,20 +25,22 @@ def generate_rank(config: str | None, overrides: list[str], out: str, iteration:
     from spin_mcore.data.split import split_records
     from spin_mcore.data.tokenize import tokenize_records
     from spin_mcore.data.tokenizer import load_tokenizer
-    from spin_mcore.generation.backends import HFEngineBackend, check_backend_available
     from spin_mcore.generation.stage import generate_opponent
     from spin_mcore.models.gpt import build_gpt_model
     from spin_mcore.platform import init_distributed
 
     cfg = load_config(config, overrides)
     g = cfg.generation
-    check_backend_available(g.backend, needed_gpus=g.trt_tp * g.trt_instances)  # fail before any work
     if cfg.data.path is None or cfg.data.tokenizer is None:
         raise ConfigError("data.path and data.tokenizer must be set to generate")
     if hf is None and checkpoint is None:
         checkpoint, hf = (None, cfg.run.init_checkpoint) if cfg.run.init_from_hf else (cfg.run.init_checkpoint, None)
     if hf is None and checkpoint is None:
         raise ConfigError("no weights: pass --checkpoint DIR or --hf DIR, or set run.init_checkpoint")
+    if g.backend != "megatron":
+        from spin_mcore.generation.external import engine_python
+
+        engine_python(g)  # the engine's environment exists: fail before any work
 
     tok = load_tokenizer(cfg.data.tokenizer)
     records, _ = load_sft_records(cfg.data.path, skip_bad_lines=cfg.data.skip_bad_lines)
@@ -45,31 +48,33 @@ def generate_rank(config: str | None, overrides: list[str], out: str, iteration:
     prompts, _ = tokenize_records(train, tok, cfg.data.template, cfg.data.max_prompt_length, cfg.data.max_response_length)
 
     pstate = init_distributed(cfg.parallel, seed=cfg.train.seed, platform=cfg.platform)
-    model = build_gpt_model(cfg.model, pstate, cfg.precision, perform_initialization=False)  # loaded next
     if hf is not None:
-        from spin_mcore.models.hf_convert import load_hf_weights
-
-        load_hf_weights(model, pstate, hf, cfg.model)
         checkpoint_id = f"hf:{Path(hf).absolute()}"
     else:
-        from spin_mcore.models.checkpoint import load_model_checkpoint
+        from spin_mcore.models.checkpoint import read_checkpoint_meta
 
-        meta = load_model_checkpoint(model, pstate, checkpoint)
+        meta = read_checkpoint_meta(checkpoint)
         checkpoint_id = f"mcore:{Path(checkpoint).absolute()}:{meta.get('step', meta.get('iteration', ''))}"
 
-    backend = None
-    if g.backend != "megatron":
-        # Re-exported per iteration: the engine is rebuilt from this iterate's weights.
-        from spin_mcore.models.hf_convert import export_hf
+    def load():
+        model = build_gpt_model(cfg.model, pstate, cfg.precision, perform_initialization=False)  # loaded next
+        if hf is not None:
+            from spin_mcore.models.hf_convert import load_hf_weights
 
-        hf_dir = export_hf(model, pstate, Path(out) / "hf-iterate", cfg.model, tokenizer_dir=Path(cfg.data.tokenizer).parent
-                           if Path(cfg.data.tokenizer).is_file() else cfg.data.tokenizer)
-        if pstate.rank == 0:
-            backend = HFEngineBackend(g.backend, g, hf_dir, cfg.model.seq_length, next(model.parameters()).dtype,
-                                      end_id=tok.eos_id)
-    model.eval()
-    return generate_opponent(cfg, model, pstate, prompts, tok, out, iteration, force=force,
-                             checkpoint_id=checkpoint_id, backend=backend)
+            load_hf_weights(model, pstate, hf, cfg.model)
+        else:
+            from spin_mcore.models.checkpoint import load_model_checkpoint
+
+            load_model_checkpoint(model, pstate, checkpoint)
+        return model.eval()
+
+    if g.backend != "megatron":  # one engine start; its export and job files live in the stage directory
+        from spin_mcore.generation import external
+
+        return external.generate_with_engine(cfg, pstate, load, [("train", prompts, Path(out))], tok, iteration,
+                                             checkpoint_id, Path(out), force=force)
+    return generate_opponent(cfg, load(), pstate, prompts, tok, out, iteration, force=force,
+                             checkpoint_id=checkpoint_id)
 
 
 def run(args) -> int:

@@ -1,11 +1,14 @@
 """Opponent generation by an external engine (vLLM) in its own process: one engine per iteration.
 
-    plan = plan_engine_job(...)     rank 0: which shards of which prompt sets still need the engine
-    run_engine(plan, ...)           rank 0: one worker process, one ``vllm.LLM``, every needed shard
-    finish_stages(plan, ...)        rank 0: engine shards -> ``generate`` stage shards + manifests
+    generate_with_engine(...)       collective: the whole step, used by the loop and `spin-mcore generate`
+      plan_engine_job(...)          rank 0: which shards of which prompt sets still need the engine
+      export_hf(...)                every rank: theta_t as HF safetensors (deleted after the step)
+      run_engine(...)               rank 0: one worker process, one engine, every needed shard
+      finish_stages(...)            rank 0: engine shards -> ``generate`` stage shards + manifests
 
-The worker (:mod:`spin_mcore.generation.workers.vllm_worker`) runs under ``generation.python``
-(the engine's own environment, default ``.venv-vllm/bin/python`` in the checkout) with
+The worker (``spin_mcore.generation.workers.<backend>_worker``: vLLM or TensorRT-LLM) runs under
+``generation.python`` (the engine's own environment, default ``.venv-<backend>/bin/python`` in the
+checkout), as a child process or as its own ``srun`` step (``generation.engine_launcher``), with
 ``PYTHONPATH`` at this checkout, started with ``subprocess`` (not a multiprocessing Pool: vLLM
 starts child processes, which daemonic Pool workers may not). It writes per prompt set an
 ``engine`` stage under ``<generate dir>/engine``; resume is per shard at both levels: a shard in
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -96,11 +101,11 @@ def engine_python(gen_cfg) -> Path:
     return path
 
 
-def engine_env(gen_cfg, device: str) -> dict:
+def engine_env(gen_cfg, device: str, environ=None) -> dict:
     """The worker's environment: this checkout importable, the CPU KV-cache size set (see config help)."""
-    env = dict(os.environ)
+    env = dict(os.environ if environ is None else environ)
     env["PYTHONPATH"] = os.pathsep.join([str(CHECKOUT), *filter(None, [env.get("PYTHONPATH")])])
-    if device != "cuda" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+    if device != "cuda" and "VLLM_CPU_KVCACHE_SPACE" not in env:
         frac = gen_cfg.engine_memory_fraction
         gib = 1 if frac is None else max(1, int(frac * _available_ram_gib()))
         env["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
@@ -175,11 +180,53 @@ def write_job(cfg, plan: EnginePlan, hf_dir: Path, dtype: str, job_dir: Path, to
     sampling = {**p.to_dict(), "vocab_size": sampling_vocab_size(cfg.model.vocab_size, tokenizer),
                 "model_vocab_size": cfg.model.vocab_size}
     engine = {"max_num_seqs": g.engine_max_num_seqs, "memory_fraction": g.engine_memory_fraction,
-              "tensor_parallel_size": g.trt_tp, "seed": g.seed, "device": device,
+              "tensor_parallel_size": g.engine_tensor_parallel, "seed": g.seed, "device": device,
               "quantization": g.engine_quantization}
     job = protocol.Job(model=str(hf_dir), dtype=dtype, max_model_len=cfg.model.seq_length, engine=engine,
                        sampling=sampling, sets=psets, status=str(job_dir / "status.json"))
     return job.save(job_dir / "job.json")
+
+
+def engine_launcher(gen_cfg, environ=None) -> str:
+    """``generation.engine_launcher`` resolved: ``srun`` inside a SLURM job with srun on PATH, else ``local``."""
+    environ = os.environ if environ is None else environ
+    if gen_cfg.engine_launcher != "auto":
+        return gen_cfg.engine_launcher
+    return "srun" if "SLURM_JOB_ID" in environ and shutil.which("srun") else "local"
+
+
+# srun reads these as defaults of its options: the training step's values (e.g. 8 tasks per node)
+# must not shape the engine's one-task step.
+_STEP_SHAPE_VARS = ("SLURM_NTASKS", "SLURM_NPROCS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "SLURM_NODELIST",
+                    "SLURM_STEP_NODELIST", "SLURM_GPUS_PER_TASK", "SLURM_DISTRIBUTION", "SLURM_CPU_BIND",
+                    "SLURM_GPU_BIND", "SLURM_TASKS_PER_NODE")
+
+
+def worker_command(gen_cfg, python: Path, job_path: Path, device: str, environ=None) -> tuple[list[str], dict]:
+    """argv and environment of the engine worker (pure: no process is started).
+
+    ``local``: ``<python> -m <worker> JOB.json``. ``srun``: the same command as its own job step of
+    the running allocation, one task on this node, ``--overlap`` (the training step keeps its
+    resources while it waits: Slurm's --overlap shares CPUs, memory and GRES), with
+    ``generation.engine_tensor_parallel`` GPUs on CUDA, so the engine has its own step in ``sacct`` and its own
+    signal handling. Raises ConfigError naming the setting when srun is asked for outside a job.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    env = engine_env(gen_cfg, device, environ)
+    argv = [str(python), "-m", worker_module(gen_cfg.backend), str(job_path)]
+    if engine_launcher(gen_cfg, environ) == "local":
+        return argv, env
+    if "SLURM_JOB_ID" not in environ:
+        raise ConfigError("generation.engine_launcher=srun: not inside a SLURM job (SLURM_JOB_ID is not set); "
+                          "use generation.engine_launcher=local or auto")
+    node = environ.get("SLURMD_NODENAME") or socket.gethostname()
+    srun = ["srun", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={node}", f"--jobid={environ['SLURM_JOB_ID']}",
+            f"--job-name=spin-engine-{gen_cfg.backend}", "--kill-on-bad-exit=1", "--export=ALL"]
+    if device == "cuda":
+        srun.append(f"--gpus={gen_cfg.engine_tensor_parallel}")
+    for name in _STEP_SHAPE_VARS:
+        env.pop(name, None)
+    return srun + argv, env
 
 
 def run_engine(cfg, job_path: Path, device: str) -> dict:
@@ -187,15 +234,14 @@ def run_engine(cfg, job_path: Path, device: str) -> dict:
     from spin_mcore.launcher import WorkerError
 
     g = cfg.generation
-    python = engine_python(g)
+    argv, env = worker_command(g, engine_python(g), job_path, device)
     log = job_path.with_name("worker.log")
     status = job_path.with_name("status.json")
     status.unlink(missing_ok=True)
     start = time.perf_counter()
     with log.open("ab") as fh:
         # Its own session: the engine's processes are stopped together (killpg), by this rank only.
-        proc = subprocess.Popen([str(python), "-m", WORKER_MODULE, str(job_path)], stdout=fh,
-                                stderr=subprocess.STDOUT, env=engine_env(g, device), cwd=str(CHECKOUT),
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(CHECKOUT),
                                 start_new_session=True)
         try:
             returncode = _wait(proc)
@@ -204,9 +250,10 @@ def run_engine(cfg, job_path: Path, device: str) -> dict:
             raise
     if returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-        raise WorkerError(f"vllm worker exited with {returncode} (log {log}):\n" + "\n".join(tail))
+        raise WorkerError(f"{g.backend} worker exited with {returncode} (log {log}):\n" + "\n".join(tail))
     out = json.loads(status.read_text())
     out["worker_seconds"] = round(time.perf_counter() - start, 3)
+    out["launcher"] = argv[0] if argv[0] == "srun" else "local"
     return out
 
 
@@ -238,6 +285,66 @@ def _stop(proc: subprocess.Popen, sig: int) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def generate_with_engine(cfg, pstate, load_model, sets: list[tuple], tokenizer, iteration: int, checkpoint_id: str,
+                         work_dir: Path, force: bool = False) -> dict:
+    """y' for every prompt set from ONE external-engine start. Collective; returns the worker's status
+    (rank 0; ``{"engine_starts": 0}`` when nothing needed generating, and on the other ranks).
+
+    load_model: ``() -> model`` (theta_t, built and loaded on every rank), called only when some
+    shard needs the engine. sets: ``(name, prompts, generate_dir)``. theta_t is exported to HF once
+    into ``work_dir/engine_export`` (every rank takes part), freed before the engine starts, and the
+    export is deleted once its shards are converted (it is rebuilt if a later run needs the engine
+    again). Other ranks wait in :func:`long_barrier` meanwhile; a failure or preemption on rank 0
+    reaches every rank.
+    """
+    import gc
+
+    import torch
+
+    from spin_mcore.models.hf_convert import export_hf
+    from spin_mcore.platform import preemption
+
+    g = cfg.generation
+    plan = plan_engine_job(cfg, pstate, sets, tokenizer, iteration, checkpoint_id, force=force)
+    engine: dict = {"engine_starts": 0}
+    export = Path(work_dir) / "engine_export"
+    if plan.needed:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        check_engine_model(g.backend, cfg.model, device)
+        model = load_model()
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        hf_dir = export_hf(model, pstate, export, cfg.model)
+        del model  # the engine gets the memory
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        failure = [None]
+        if pstate.rank == 0:
+            try:
+                job = write_job(cfg, plan, hf_dir, dtype, Path(work_dir) / "engine_job", tokenizer, device)
+                engine = run_engine(cfg, job, device)
+            except BaseException as exc:  # the other ranks learn of it after the barrier, then all raise
+                failure[0] = exc
+        long_barrier()
+        flag = [None if failure[0] is None else type(failure[0]).__name__]
+        if _dist():
+            dist.broadcast_object_list(flag, src=0)
+        if failure[0] is not None:
+            raise failure[0]
+        if flag[0] == "Preempted":  # every rank stops the same way, so the requeued job resumes
+            raise preemption.preempted("generation engine (on rank 0)")
+        if flag[0] is not None:
+            raise RuntimeError(f"rank 0's generation engine failed ({flag[0]}; its message is in rank 0's output)")
+    if pstate.rank == 0:
+        finish_stages(cfg, plan, tokenizer, iteration, checkpoint_id, engine)
+        if plan.needed:
+            atomic_write_json(Path(work_dir) / "engine.json", {"backend": g.backend, **engine})
+        shutil.rmtree(export, ignore_errors=True)  # a 70B export is 140 GB per iteration
+    if _dist():
+        dist.barrier()
+    return engine
 
 
 def finish_stages(cfg, plan: EnginePlan, tokenizer, iteration: int, checkpoint_id: str, engine: dict) -> dict:

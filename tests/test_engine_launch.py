@@ -1,0 +1,122 @@
+"""How rank 0 starts an external engine's worker: as a child process, or as its own srun job step.
+
+The argv/environment construction is pure and checked field by field; the srun step is also
+run for real under the one-node SLURM cluster (`.ci/run` starts it) with a stand-in worker
+that records what SLURM gave it (the vLLM worker itself is exercised in tests/test_vllm_engine.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spin_mcore.config import ConfigError, load_config
+from spin_mcore.generation import external
+
+from tests.test_slurm import ROOT, slurm_env  # noqa: F401  (the running cluster's environment)
+
+JOB_ENV = {"SLURM_JOB_ID": "4242", "SLURMD_NODENAME": "gpu-node07", "SLURM_NTASKS": "16", "SLURM_NPROCS": "16",
+           "SLURM_NTASKS_PER_NODE": "8", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NNODES": "2",
+           "SLURM_STEP_NODELIST": "gpu-node[07-08]", "PATH": os.environ["PATH"]}
+
+
+def _cfg(*extra: str):
+    return load_config(overrides=["generation.backend=vllm", *extra]).generation
+
+
+def test_local_worker_command_and_environment():
+    g = _cfg("generation.engine_launcher=local", "generation.engine_memory_fraction=0.5")
+    argv, env = external.worker_command(g, Path("/e/bin/python"), Path("/r/job.json"), "cpu",
+                                        {"PYTHONPATH": "/x", "PATH": "/bin"})
+    assert argv == ["/e/bin/python", "-m", "spin_mcore.generation.workers.vllm_worker", "/r/job.json"]
+    assert env["PYTHONPATH"] == f"{external.CHECKOUT}{os.pathsep}/x"
+    assert int(env["VLLM_CPU_KVCACHE_SPACE"]) >= 1  # half the available RAM, whole GiB
+    _, env = external.worker_command(g, Path("/p"), Path("/j"), "cpu", {"VLLM_CPU_KVCACHE_SPACE": "3"})
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"  # the user's explicit value wins
+    argv, _ = external.worker_command(load_config(overrides=["generation.backend=trtllm"]).generation,
+                                      Path("/p"), Path("/j"), "cuda", {})
+    assert argv[2] == "spin_mcore.generation.workers.trtllm_worker"
+
+
+def test_srun_step_command_on_rank_zeros_node_with_the_engines_gpus(monkeypatch):
+    monkeypatch.setattr(external.shutil, "which", lambda name: "/usr/bin/srun")
+    g = _cfg("generation.engine_tensor_parallel=4")
+    assert external.engine_launcher(g, JOB_ENV) == "srun"
+    assert external.engine_launcher(g, {"PATH": "/bin"}) == "local"  # auto outside a job
+    argv, env = external.worker_command(g, Path("/e/python"), Path("/r/job.json"), "cuda", JOB_ENV)
+    assert argv == ["srun", "--overlap", "--nodes=1", "--ntasks=1", "--nodelist=gpu-node07", "--jobid=4242",
+                    "--job-name=spin-engine-vllm", "--kill-on-bad-exit=1", "--export=ALL", "--gpus=4",
+                    "/e/python", "-m", "spin_mcore.generation.workers.vllm_worker", "/r/job.json"]
+    # The training step's shape (16 tasks, 8 per node, 2 nodes) must not reach the engine's step.
+    for name in ("SLURM_NTASKS", "SLURM_NPROCS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "SLURM_STEP_NODELIST"):
+        assert name not in env
+    assert env["SLURM_JOB_ID"] == "4242"
+    argv, _ = external.worker_command(g, Path("/e/python"), Path("/r/job.json"), "cpu", JOB_ENV)
+    assert not any(a.startswith("--gpus") for a in argv)
+    monkeypatch.setattr(external.shutil, "which", lambda name: None)
+    assert external.engine_launcher(g, JOB_ENV) == "local"  # no srun on PATH
+    with pytest.raises(ConfigError, match="generation.engine_launcher=srun: not inside a SLURM job"):
+        external.worker_command(_cfg("generation.engine_launcher=srun"), Path("/p"), Path("/j"), "cpu", {})
+
+
+def test_bad_launcher_settings_are_refused_by_name():
+    with pytest.raises(ConfigError, match="generation.engine_launcher='mpirun'"):
+        _cfg("generation.engine_launcher=mpirun")
+    with pytest.raises(ConfigError, match="generation.engine_tensor_parallel=0"):
+        _cfg("generation.engine_tensor_parallel=0")
+    with pytest.raises(ConfigError, match="generation.engine_quantization=fp8: only generation.backend=trtllm"):
+        _cfg("generation.engine_quantization=fp8")
+    with pytest.raises(ConfigError, match="generation.backend=trtllm needs CUDA"):
+        external.check_engine_model("trtllm", load_config().model, "cpu")
+
+
+FAKE_WORKER = """#!/usr/bin/env bash
+# Stands in for <engine python>: argv is "-m MODULE JOB.json"; records what SLURM gave the step.
+job="$3"
+cat > "$(dirname "$job")/status.json" <<EOF
+{"engine_starts": 1, "module": "$2", "step_id": "${SLURM_STEP_ID:-none}", "step_tasks": "${SLURM_STEP_NUM_TASKS:-none}",
+ "job_id": "${SLURM_JOB_ID:-none}", "step_name": "${SLURM_JOB_NAME:-none}"}
+EOF
+"""
+
+DRIVER = """import json, sys
+from pathlib import Path
+from spin_mcore.config import load_config
+from spin_mcore.generation.external import run_engine
+cfg = load_config(overrides=sys.argv[2:])
+print("RESULT " + json.dumps({**run_engine(cfg, Path(sys.argv[1]), "cpu"),
+                              "parent_step": __import__("os").environ.get("SLURM_STEP_ID")}), flush=True)
+"""
+
+
+@pytest.mark.slurm
+def test_worker_runs_as_its_own_srun_step_inside_the_job(slurm_env, tmp_path):  # noqa: F811
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_WORKER)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    job = tmp_path / "engine_job" / "job.json"
+    job.parent.mkdir()
+    job.write_text("{}")
+    log = tmp_path / "job.log"
+    # Two tasks in the training step, as a real run has; only the srun task of rank 0 starts the engine.
+    script = (f"#!/bin/bash\nsrun --ntasks=1 {sys.executable} {tmp_path / 'driver.py'} {job} "
+              f"generation.backend=vllm generation.python={fake}\n")
+    proc = subprocess.run(["sbatch", "--parsable", "--wait", "--nodes=1", "--ntasks=2", "--cpus-per-task=1",
+                           "--time=00:05:00", f"--output={log}"], input=script, env=slurm_env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    text = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, f"{proc.stderr}\n{text}"
+    result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["launcher"] == "srun" and result["engine_starts"] == 1
+    assert result["module"] == "spin_mcore.generation.workers.vllm_worker"
+    # Its own step of the same job (the driver ran as step 0; the engine got the next one), one task.
+    assert result["job_id"] == proc.stdout.strip().split(";")[0]
+    assert result["parent_step"] == "0" and result["step_id"] == "1" and result["step_tasks"] == "1", result
+    assert result["step_name"] == "spin-engine-vllm"
