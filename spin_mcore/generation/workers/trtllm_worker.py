@@ -85,7 +85,8 @@ def llm_kwargs(job, model_dir: str | None = None) -> dict:
               tensor_parallel_size=int(e["tensor_parallel_size"]),
               max_batch_size=int(e["max_num_seqs"]),  # the engine's concurrency (vLLM's max_num_seqs)
               max_seq_len=max_len,
-              # tokens per engine step; at least one whole prompt, so no prompt needs chunked prefill
+              # tokens per engine step; llm.py _check_arguments refuses (without chunked prefill) a prompt
+              # longer than this, so it holds at least one whole prompt
               max_num_tokens=max(8192, max_len))
     if e.get("memory_fraction") is not None:
         kw["kv_cache_free_gpu_memory_fraction"] = float(e["memory_fraction"])
@@ -299,7 +300,7 @@ def main(argv: list[str]) -> int:
     try:
         counts = serve(job, llm, trtllm)
     finally:
-        llm.shutdown()  # stops the executor's MPI workers (tensor_parallel_size > 1)
+        llm.shutdown()  # BaseLLM.shutdown (llm.py): the executor and its MPI session (tensor_parallel_size > 1)
     if quant == "fp8":
         shutil.rmtree(model_dir, ignore_errors=True)  # every shard is written: a 70B FP8 copy is 70 GB
     atomic_write_json(job.status, {"engine_starts": 1, "load_seconds": load_seconds,
