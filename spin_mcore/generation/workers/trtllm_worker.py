@@ -15,18 +15,21 @@ Facts this module relies on, read in NVIDIA/TensorRT-LLM (main, and the 1.3.0rc7
 * ``tensorrt_llm/executor/base_worker.py`` ``_enqueue_request``: ``end_id`` goes to the
   request as is (``-1`` is what ``ignore_eos`` sends: no token ends the request); the newest
   version also sends ``stop_words=[]`` when ``ignore_eos`` is set, so ``ignore_eos`` is NOT used.
-* ``tensorrt_llm/_torch/pyexecutor/sampler.py`` ``_handle_stop_criteria`` (checked after the new
+* ``tensorrt_llm/_torch/pyexecutor/sampler.py`` (``sampler/`` on main) ``_handle_stop_criteria`` (after the new
   token was added to the request): a token equal to ``end_id`` -> ``FinishReason.END_ID``; else
   the length limit -> ``LENGTH``; else a completed stop word -> ``STOP_WORDS``. So a stop token
   drawn as the last allowed token reports LENGTH (handled in :func:`normalise_output`).
 * ``tensorrt_llm/executor/result.py`` ``_handle_sequence``: ``END_ID`` -> ``finish_reason="stop"``
-  with ``stop_reason=None`` and the end token left out of ``token_ids``; ``STOP_WORDS`` ->
+  with ``stop_reason=None`` (the end token is missing from ``token_ids``, as issue 11 observed;
+  that part happens in the C++ response, not re-read here); ``STOP_WORDS`` ->
   ``"stop"``, ``stop_reason`` = the stop token id, and the stop token cut from ``token_ids``
   unless ``include_stop_str_in_output`` (``logprobs`` is not cut); ``LENGTH`` -> ``"length"``.
   ``CompletionOutput.logprobs`` is a list (one per output token) of ``{token_id: Logprob}``.
-* ``tensorrt_llm/sampling_params.py``: ``logprobs=K`` returns the top-K and the sampled token's
-  log-prob; ``logprobs_mode`` (``LogprobMode.RAW``, the default) gives log-softmax of the model's
-  logits before temperature/top-k/top-p (``LogprobMode.PROCESSED``: after them). The RAW numbers
+* ``tensorrt_llm/sampling_params.py`` (1.3.0rc7 API reference; PR #9675, Jan 2026): ``logprobs=K``
+  returns the top-K and the sampled token's log-prob; ``logprobs_mode`` (``LogprobMode.RAW``, the
+  default) is log-softmax of the model's logits before temperature/top-k/top-p
+  (``LogprobMode.PROCESSED``: after them; the sampler tests apply the temperature only for
+  PROCESSED). Older releases return top-K only, without the sampled token. The RAW numbers
   are what the Megatron reference pass computes, so the worker asks for them explicitly and
   refuses a TensorRT-LLM without ``LogprobMode`` (it could not say which numbers it returns).
 
@@ -125,7 +128,7 @@ def _logprob_value(entry) -> float:
 
 
 def normalise_output(token_ids, logprobs, finish_reason, stop_reason, stop_ids) -> tuple[list, list, str]:
-    """One TensorRT-LLM ``CompletionOutput`` -> (y' ids, per-token raw log-probs, finish reason), EOS convention applied.
+    """One TensorRT-LLM ``CompletionOutput`` -> (y' ids, per-token raw log-probs, finish reason) in the EOS convention.
 
     token_ids: the output ids; logprobs: one ``{token_id: Logprob-or-float}`` per position (the
     sampled token's entry must be there). Cases:
@@ -177,7 +180,8 @@ def make_sampling_params(trtllm, kw: dict):
 
     if not hasattr(sp, "LogprobMode"):
         raise RuntimeError(f"tensorrt_llm {trtllm.__version__} has no SamplingParams.logprobs_mode, so it cannot be "
-                           f"told to return raw log-probs; install tensorrt_llm=={PINNED} (bash launch/setup_trtllm.sh)")
+                           f"told to return raw log-probs; install tensorrt_llm=={PINNED} "
+                           "(bash launch/setup_trtllm.sh)")
     return trtllm.SamplingParams(**kw, logprobs_mode=sp.LogprobMode.RAW)
 
 
