@@ -35,7 +35,9 @@ def loss_spec(cfg, pstate, iteration: int = 0) -> LossSpec:
     return LossSpec(objective=cfg.train.objective, beta=float(per_iteration(cfg.spin.beta, iteration)),
                     loss_type=cfg.spin.loss, sft_weight=cfg.spin.sft_weight,
                     length_normalize=cfg.spin.length_normalize, vocab_size=cfg.model.vocab_size,
-                    tp_group=pstate.tp_group if pstate.tp > 1 else None)
+                    tp_group=pstate.tp_group if pstate.tp > 1 else None,
+                    fused_linear=cfg.train.fused_linear_logprobs,
+                    fused_linear_chunk_tokens=cfg.train.fused_linear_chunk_tokens)
 
 
 def _fingerprint(cfg, in_dirs: Sequence, model_id: str) -> str:

@@ -44,6 +44,8 @@ class LossSpec:
     vocab_size: int  # true vocab; padded columns are excluded from the softmax
     tp_group: object = None
     qkv_format: str = "sbhd"  # packed rows only: 'thd' under Transformer Engine (see training/packed.py)
+    fused_linear: bool = False  # train.fused_linear_logprobs: the model returns hidden states, the op projects
+    fused_linear_chunk_tokens: int = 512  # train.fused_linear_chunk_tokens
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, tp_group, vocab_size: int,
@@ -62,11 +64,23 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     return out.seq_logps, out.token_counts
 
 
-def _loss_func(batch: dict, spec: LossSpec, normalizer: torch.Tensor, logits: torch.Tensor):
-    """Megatron loss_func for one micro-batch: returns (loss, 0, stats) (see module docstring)."""
+def _loss_func(batch: dict, spec: LossSpec, normalizer: torch.Tensor, logits: torch.Tensor,
+               output_weight: Optional[torch.Tensor] = None):
+    """Megatron loss_func for one micro-batch: returns (loss, 0, stats) (see module docstring).
+
+    ``logits``: the model's output; with ``output_weight`` ([V/tp, h], ``spec.fused_linear``) it is
+    the final hidden states [S, R, h] and the fused linear op applies the output layer.
+    """
     from spin_mcore.training.loss import sft_loss, spin_loss
 
-    if "segment_ids" in batch:  # packed row (train.pack_sequences): per-segment sums, same [R] order
+    if output_weight is not None:
+        from spin_mcore.logprobs.fused_linear import fused_linear_sequence_logprobs
+
+        out = fused_linear_sequence_logprobs(logits, output_weight, batch["labels"], batch["loss_mask"],
+                                             tp_group=spec.tp_group, vocab_size=spec.vocab_size,
+                                             chunk_tokens=spec.fused_linear_chunk_tokens)
+        seq, counts = out.seq_logps, out.token_counts  # [R]
+    elif "segment_ids" in batch:  # packed row (train.pack_sequences): per-segment sums, same [R] order
         from spin_mcore.training.packed import packed_sequence_logps
 
         seq, counts = packed_sequence_logps(logits, batch, spec.tp_group, spec.vocab_size)
@@ -111,7 +125,8 @@ def _loss_func(batch: dict, spec: LossSpec, normalizer: torch.Tensor, logits: to
 
 def forward_step(spec: LossSpec, normalizer: torch.Tensor, data_iterator, model):
     """Megatron forward_step_func: (logits on the last stage, loss_func): [S, R, V/tp] sequence-major,
-    or [1, row_len, V/tp] for a packed row.
+    or [1, row_len, V/tp] for a packed row; with ``spec.fused_linear`` the final hidden states [S, R, h]
+    instead (the loss function applies the output layer chunk by chunk, never holding all the logits).
 
     A packed batch (``cu_seqlens`` present, [1, row_len]) runs with Megatron ``PackedSeqParams``.
     """
@@ -120,11 +135,21 @@ def forward_step(spec: LossSpec, normalizer: torch.Tensor, data_iterator, model)
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     if "cu_seqlens" in batch:
+        if spec.fused_linear:
+            raise ValueError("train.fused_linear_logprobs=true does not support packed rows (train.pack_sequences)")
         from spin_mcore.training.packed import build_packed_seq_params
 
         params = build_packed_seq_params(batch["cu_seqlens"], batch["tokens"].shape[1], spec.qkv_format,
                                          device=batch["tokens"].device)
         output = model(batch["tokens"], batch["position_ids"], attention_mask=None, packed_seq_params=params)
+    elif spec.fused_linear:
+        from spin_mcore.models.checkpoint import unwrap_model
+
+        # Final hidden states [S, R, h] on the last stage; the loss function owns the output layer.
+        output = model(batch["tokens"], batch["position_ids"], attention_mask=None, final_hidden_states=True)
+        gpt = unwrap_model(model)
+        if gpt.post_process:
+            return output, partial(_loss_func, batch, spec, normalizer, output_weight=gpt.output_weight())
     else:
         # Sequence-major logits [S, R, V/tp]: Megatron's [R, S, V/tp] transpose copy is skipped.
         output = model(batch["tokens"], batch["position_ids"], attention_mask=None, sequence_major_logits=True)
