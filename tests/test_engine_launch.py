@@ -65,6 +65,22 @@ def test_srun_step_command_on_rank_zeros_node_with_the_engines_gpus(monkeypatch)
         external.worker_command(_cfg("generation.engine_launcher=srun"), Path("/p"), Path("/j"), "cpu", {})
 
 
+def test_trtllm_worker_runs_under_mpi_with_one_task_per_tp_rank(monkeypatch):
+    monkeypatch.setattr(external.shutil, "which", lambda name: "/usr/bin/srun")
+    g = load_config(overrides=["generation.backend=trtllm", "generation.engine_tensor_parallel=8"]).generation
+    argv, env = external.worker_command(g, Path("/v/bin/python"), Path("/r/job.json"), "cuda",
+                                        {**JOB_ENV, "PMIX_RANK": "3"})
+    assert argv[:10] == ["srun", "--overlap", "--nodes=1", "--ntasks=8", "--nodelist=gpu-node07", "--jobid=4242",
+                         "--job-name=spin-engine-trtllm", "--kill-on-bad-exit=1", "--mpi=pmix", "--export=ALL"]
+    assert argv[10:] == ["--gpus=8", "/v/bin/trtllm-llmapi-launch", "/v/bin/python", "-m",
+                         "spin_mcore.generation.workers.trtllm_worker", "/r/job.json"]
+    # Started locally inside a job, its MPI must not see the training step's SLURM/PMI context.
+    g = load_config(overrides=["generation.backend=trtllm", "generation.engine_launcher=local"]).generation
+    argv, env = external.worker_command(g, Path("/v/bin/python"), Path("/r/job.json"), "cuda",
+                                        {**JOB_ENV, "PMIX_RANK": "3", "OMPI_COMM_WORLD_SIZE": "16"})
+    assert argv[0] == "/v/bin/python" and not [k for k in env if k.startswith(("SLURM_", "PMI", "OMPI_"))]
+
+
 def test_bad_launcher_settings_are_refused_by_name():
     with pytest.raises(ConfigError, match="generation.engine_launcher='mpirun'"):
         _cfg("generation.engine_launcher=mpirun")

@@ -202,6 +202,9 @@ _STEP_SHAPE_VARS = ("SLURM_NTASKS", "SLURM_NPROCS", "SLURM_NTASKS_PER_NODE", "SL
                     "SLURM_GPU_BIND", "SLURM_TASKS_PER_NODE")
 
 
+_MPI_CONTEXT_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_")
+
+
 def worker_command(gen_cfg, python: Path, job_path: Path, device: str, environ=None) -> tuple[list[str], dict]:
     """argv and environment of the engine worker (pure: no process is started).
 
@@ -215,6 +218,11 @@ def worker_command(gen_cfg, python: Path, job_path: Path, device: str, environ=N
     env = engine_env(gen_cfg, device, environ)
     argv = [str(python), "-m", worker_module(gen_cfg.backend), str(job_path)]
     if engine_launcher(gen_cfg, environ) == "local":
+        if gen_cfg.backend == "trtllm":
+            # TensorRT-LLM spawns its TP ranks with MPI; inherited SLURM/PMI variables would make MPI
+            # join the training step's world instead (trtllm-llmapi-launch strips them the same way).
+            for name in [k for k in env if k.startswith(_MPI_CONTEXT_PREFIXES)]:
+                del env[name]
         return argv, env
     if "SLURM_JOB_ID" not in environ:
         raise ConfigError("generation.engine_launcher=srun: not inside a SLURM job (SLURM_JOB_ID is not set); "
@@ -226,6 +234,13 @@ def worker_command(gen_cfg, python: Path, job_path: Path, device: str, environ=N
         srun.append(f"--gpus={gen_cfg.engine_tensor_parallel}")
     for name in _STEP_SHAPE_VARS:
         env.pop(name, None)
+    if gen_cfg.backend == "trtllm":
+        # TensorRT-LLM on SLURM: one MPI task per TP rank, each running the same LLM-API script under
+        # trtllm-llmapi-launch (NVIDIA's examples/llm-api/llm_mgmn_*.sh: tasks must equal tensor_parallel_size).
+        tp = gen_cfg.engine_tensor_parallel
+        srun[srun.index("--ntasks=1")] = f"--ntasks={tp}"
+        srun.insert(srun.index("--export=ALL"), "--mpi=pmix")
+        argv = [str(Path(python).with_name("trtllm-llmapi-launch")), *argv]
     return srun + argv, env
 
 
