@@ -69,9 +69,11 @@ class SDPAttention(MegatronModule):
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
-        if ng != np_:  # grouped-query attention: share each KV head across np/ng query heads
-            k = k.repeat_interleave(np_ // ng, dim=1)
-            v = v.repeat_interleave(np_ // ng, dim=1)
+        # Grouped-query attention (ng < np): SDPA shares each KV head across np/ng query heads itself
+        # (enable_gqa). repeat_interleave would copy K and V to [b, np, sk, hn] per layer and keep the
+        # copies for backward (64 MB at benchmarks/spin_step.py --size large); the CPU flash kernel
+        # saves the [b, ng, sk, hn] tensors and its backward sums the heads' grads without the copy.
+        gqa = ng != np_
 
         mask = None
         is_causal = False
@@ -92,7 +94,7 @@ class SDPAttention(MegatronModule):
 
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
+            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale, enable_gqa=gqa,
         )
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
