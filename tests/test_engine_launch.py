@@ -136,3 +136,21 @@ def test_worker_runs_as_its_own_srun_step_inside_the_job(slurm_env, tmp_path):  
     assert result["job_id"] == proc.stdout.strip().split(";")[0]
     assert result["parent_step"] == "0" and result["step_id"] == "1" and result["step_tasks"] == "1", result
     assert result["step_name"] == "spin-engine-vllm"
+
+
+def test_cli_refuses_an_engine_that_cannot_run_before_any_process_starts(tmp_path):
+    """One line, exit 1, nothing written: TensorRT-LLM on a CPU machine; vLLM with a missing environment."""
+    spin = str(Path(sys.executable).with_name("spin-mcore"))
+    cases = [(["generate", "generation.backend=trtllm", "platform.device=cpu", "--out", str(tmp_path / "gen")],
+              "spin-mcore generate: config error: generation.backend=trtllm needs CUDA GPUs"),
+             (["run", "generation.backend=vllm", "platform.device=cpu", "model.num_attention_heads=2",
+               "model.num_query_groups=2", f"generation.python={tmp_path / 'none' / 'python'}",
+               f"run.dir={tmp_path / 'run'}"],
+              f"spin-mcore run: config error: generation.python={tmp_path / 'none' / 'python'}: "
+              f"{tmp_path / 'none' / 'python'} does not exist; create the vllm environment with "
+              f"`bash launch/setup_vllm.sh`")]
+    for args, line in cases:
+        proc = subprocess.run([spin, *args, "model.preset=tiny"], capture_output=True, text=True, timeout=120)
+        err = proc.stderr.strip()
+        assert proc.returncode == 1 and err.startswith(line) and "\n" not in err, proc.stderr
+    assert not (tmp_path / "gen").exists() and not (tmp_path / "run").exists()

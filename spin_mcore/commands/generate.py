@@ -81,13 +81,15 @@ def run(args) -> int:
     from spin_mcore.commands.common import split_config_and_overrides
     from spin_mcore.config import load_config
     from spin_mcore.data.preflight import check_data
+    from spin_mcore.generation.external import preflight
     from spin_mcore.launcher import launched, run_local
     from spin_mcore.platform.distributed import select_device
 
     config, overrides = split_config_and_overrides(args)
     cfg = load_config(config, overrides)  # validate here, before spawning
     check_data(cfg, heldout=False)  # data file, split sizes, tokenizer vs model.vocab_size
-    select_device(cfg.platform.device)  # platform.device=cuda without CUDA: one clear error, no process started
+    device = select_device(cfg.platform.device)  # platform.device=cuda without CUDA: one clear error, no process started
+    preflight(cfg, device)  # generation.backend=vllm|trtllm: runs here, its environment exists
     out = args.out or str(RunDir(cfg.run.dir).iteration(args.iteration) / "train_generation")
     fn_args = (config, overrides, out, args.iteration, args.checkpoint, args.hf, args.force)
     args.log_dir = out  # cli.main writes a rank's traceback there

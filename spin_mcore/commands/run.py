@@ -28,12 +28,14 @@ def run_rank(config_path, overrides: list, force: bool) -> list:
 def run(args) -> int:
     from spin_mcore.config import ConfigError, load_config
     from spin_mcore.data.preflight import check_data
+    from spin_mcore.generation.external import preflight
     from spin_mcore.launcher import launch_rank, launched, run_local
     from spin_mcore.platform.distributed import select_device
 
     config_path, overrides = split_config_and_overrides(args)
     cfg = load_config(config_path, overrides)  # validate before any process starts
-    select_device(cfg.platform.device)  # platform.device=cuda without CUDA: one clear error, no process started
+    device = select_device(cfg.platform.device)  # platform.device=cuda without CUDA: one clear error, no process started
+    preflight(cfg, device)  # generation.backend=vllm|trtllm: runs here, its environment exists
     check_data(cfg)  # data file, split sizes, tokenizer vs model.vocab_size: also before any process
     if cfg.run.init_checkpoint is None:
         raise ValueError("run.init_checkpoint is not set: SPIN starts from an SFT model (theta_0)")

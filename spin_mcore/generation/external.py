@@ -165,6 +165,13 @@ def check_engine_model(backend: str, model_cfg, device: str) -> None:
                           f"model.num_attention_heads) is not one vLLM's CPU attention supports {CPU_HEAD_SIZES}")
 
 
+def preflight(cfg, device: str) -> None:
+    """Before any process starts: the engine can run on ``device`` and its environment exists (ConfigError)."""
+    if cfg.generation.backend in ENGINES:
+        check_engine_model(cfg.generation.backend, cfg.model, device)
+        engine_python(cfg.generation)
+
+
 def write_job(cfg, plan: EnginePlan, hf_dir: Path, dtype: str, job_dir: Path, tokenizer, device: str) -> Path:
     """Rank 0: the prompt files and ``job.json`` of one engine start (see :mod:`...workers.protocol`)."""
     g, p = cfg.generation, plan.params
@@ -326,7 +333,9 @@ def generate_with_engine(cfg, pstate, load_model, sets: list[tuple], tokenizer, 
     engine: dict = {"engine_starts": 0}
     export = Path(work_dir) / "engine_export"
     if plan.needed:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from spin_mcore.platform.distributed import select_device
+
+        device = select_device(cfg.platform.device)
         check_engine_model(g.backend, cfg.model, device)
         model = load_model()
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
