@@ -14,11 +14,25 @@ def _demo_rank(out: str, size: str, seed: int, force: bool, overrides: list, met
     return run_demo(out, size, seed, force, overrides, method)
 
 
+def _preflight(args) -> None:
+    """Overrides and the generation engine checked before the demo spends minutes on SFT (ConfigError)."""
+    from pathlib import Path
+
+    from spin_mcore.demo.experiment import SIZES, demo_config
+    from spin_mcore.generation.external import preflight
+    from spin_mcore.platform.distributed import select_device
+
+    # The tokenizer and vocabulary are made later; these stand-ins do not affect what is checked here.
+    cfg = demo_config(Path(args.out), SIZES[args.size], Path(args.out) / "tokenizer", 512, args.seed, args.overrides)
+    preflight(cfg, select_device(cfg.platform.device))
+
+
 def run(args) -> int:
     from spin_mcore.launcher import launched, run_local
     from spin_mcore.platform.cpu_numerics import pin_cpu_numerics, pinned_threads
 
     args.log_dir = args.out  # cli.main writes a rank's traceback there
+    _preflight(args)
     # The README quotes this run's table: the same kernels and threads on any x86-64 machine.
     pinned = pin_cpu_numerics()
     if launched():

@@ -161,8 +161,12 @@ def check_engine_model(backend: str, model_cfg, device: str) -> None:
                           "machine use generation.backend=vllm or megatron")
     head = model_cfg.hidden_size // model_cfg.num_attention_heads
     if backend == "vllm" and device != "cuda" and head not in CPU_HEAD_SIZES:
+        heads = [n for n in range(1, model_cfg.hidden_size + 1) if model_cfg.hidden_size % n == 0
+                 and model_cfg.hidden_size // n in CPU_HEAD_SIZES and n % model_cfg.num_query_groups == 0]
+        hint = f"; with model.hidden_size={model_cfg.hidden_size}: model.num_attention_heads in {heads}" if heads else ""
         raise ConfigError(f"generation.backend=vllm on CPU: head size {head} (model.hidden_size / "
-                          f"model.num_attention_heads) is not one vLLM's CPU attention supports {CPU_HEAD_SIZES}")
+                          f"model.num_attention_heads) is not one vLLM's CPU attention supports {CPU_HEAD_SIZES}"
+                          f"{hint}")
 
 
 def preflight(cfg, device: str) -> None:
