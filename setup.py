@@ -50,9 +50,9 @@ setup(
         # Only usable on CUDA machines. NVIDIA apex and DALI come from NVIDIA's own
         # channels (see README); the PyPI names "apex"/"nvidia-dali" are not NVIDIA's.
         # The generation engines are not extras: vLLM and TensorRT-LLM pin their own torch and
-        # transformers, so each gets its own environment (launch/setup_vllm.sh) and runs as a worker.
+        # transformers, so each gets its own environment (launch/setup_vllm.sh,
+        # launch/setup_trtllm.sh) and runs as a worker. There is no combined [gpu] extra.
         "te": ["transformer-engine[pytorch]"],
-        "gpu": ["transformer-engine[pytorch]"],  # = te; kept for the install hints that name it
         "test": ["pytest", "transformers", "trl", "accelerate", "datasets"],
         "eval": ["lm-eval"],
     },

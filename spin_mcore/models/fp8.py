@@ -149,7 +149,7 @@ def check_fp8_hardware(precision, capability: Optional[tuple[int, int]], te_avai
                           f"{found} (use precision.recipe=bf16)")
     if not te_available:
         raise ConfigError(f"precision.recipe=fp8 needs Transformer Engine, which is not importable on this {found} "
-                          "GPU: pip install 'spin_mcore[gpu]'")
+                          "GPU: pip install 'spin_mcore[te]'")
 
 
 def require_fp8_hardware(precision, gpu: bool) -> None:

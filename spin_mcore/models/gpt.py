@@ -46,7 +46,7 @@ def use_fused_kernels(setting: str, gpu: bool) -> bool:
         raise ConfigError(f"train.fused_kernels={setting!r}: must be one of auto, on, off")
     available = gpu and have_transformer_engine()
     if setting == "on" and not available:
-        missing = "a CUDA device" if not gpu else "Transformer Engine (pip install 'spin_mcore[gpu]')"
+        missing = "a CUDA device" if not gpu else "Transformer Engine (pip install 'spin_mcore[te]')"
         raise ConfigError(f"train.fused_kernels=on needs CUDA and Transformer Engine; this process has no {missing}")
     return available if setting == "auto" else setting == "on"
 
@@ -136,7 +136,7 @@ def build_layer_spec(gpu: bool, precision: PrecisionConfig):
     if gpu and have_transformer_engine():
         return get_gpt_layer_with_transformer_engine_spec()
     if precision.recipe == "fp8":
-        raise ConfigError("precision.recipe=fp8 needs Transformer Engine: pip install 'spin_mcore[gpu]'")
+        raise ConfigError("precision.recipe=fp8 needs Transformer Engine: pip install 'spin_mcore[te]'")
     if gpu:
         warnings.warn("Transformer Engine is not installed; using Megatron's local layers (slower, no packed sequences)")
     from spin_mcore.models.sdpa_attention import SDPAttention
