@@ -3,7 +3,11 @@
 #
 #   sbatch launch/spin_70b.sh run.init_checkpoint=/ckpt/llama3-70b-sft data.path=/data/sft.jsonl data.tokenizer=/ckpt/llama3-70b-sft
 #   sbatch launch/spin_70b.sh --dry-run                      # every rank's command and environment, then exit
-#   sbatch --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 launch/spin_70b.sh model.preset=tiny parallel.tp=2 ...
+#   sbatch --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 launch/spin_70b.sh model.preset=tiny parallel.tp=2 \
+#     parallel.pp=1 parallel.vp=null generation.backend=megatron platform.device=cpu ...
+#
+# Generation runs in TensorRT-LLM (bash launch/setup_trtllm.sh first): one TP-8 engine per iteration as its
+# own srun step on the first node.
 #
 # Arguments after the script name (or in SPIN_ARGS): an optional CONFIG.yaml, key=value overrides,
 # --dry-run. Submit from the spin_mcore checkout, or set SPIN_ROOT to it. The job requeues itself

@@ -59,7 +59,8 @@ def tiny_inputs(tmp_path_factory):
 def _job_overrides(inputs, run_dir: Path) -> list[str]:
     """The 70B config brought down to a tiny model: the same script, the same file, these overrides."""
     root, tok = inputs
-    return [*tiny_model_overrides(),
+    # The config's TP4 x PP8 x VP10 and TensorRT-LLM engine become TP2 and the in-process engine on 2 CPU tasks.
+    return [*tiny_model_overrides(), "parallel.pp=1", "parallel.vp=null", "generation.backend=megatron",
             "parallel.tp=2", "parallel.sequence_parallel=false", "precision.recipe=fp32", "platform.device=cpu",
             f"data.path={root / 'arith.jsonl'}", f"data.tokenizer={tok}", "data.template=instruction",
             "data.max_prompt_length=28", "data.max_response_length=24", "data.num_prompts=48",
@@ -157,21 +158,22 @@ def test_requeue_exit_code_matches_the_trainer():
     assert f"REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE}\n" in text
 
 
-def test_dry_run_of_a_two_node_job_prints_every_rank():
-    """`spin_70b.sh --dry-run` for a fake 2-node x 8-task allocation (environment only, no scheduler)."""
+def test_dry_run_of_a_four_node_job_prints_every_rank():
+    """`spin_70b.sh --dry-run` for a fake 4-node x 8-task allocation (environment only, no scheduler)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(SLURM_JOB_NODELIST="node[01-02]", SLURM_NNODES="2", SLURM_NTASKS="16",
-               SLURM_TASKS_PER_NODE="8(x2)", SLURM_JOB_ID="4242", SPIN_MCORE=str(Path(sys.executable).with_name("spin-mcore")))
+    env.update(SLURM_JOB_NODELIST="node[01-04]", SLURM_NNODES="4", SLURM_NTASKS="32",
+               SLURM_TASKS_PER_NODE="8(x4)", SLURM_JOB_ID="4242", SPIN_MCORE=str(Path(sys.executable).with_name("spin-mcore")))
     proc = subprocess.run(["bash", str(LAUNCH / "spin_70b.sh"), "--dry-run", "train.micro_batch_size=2"], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     pattern = re.compile(r"^(\S+): RANK=(\d+) LOCAL_RANK=(\d+) WORLD_SIZE=(\d+) MASTER_ADDR=(\S+) MASTER_PORT=(\d+)"
                          r"\s+\[TP=(\d+) PP=(\d+) CP=(\d+) DP=(\d+)\]\s+(.*)$")
     rows = [m.groups() for m in map(pattern.match, proc.stdout.splitlines()) if m]
-    assert len(rows) == 16, proc.stdout
+    assert len(rows) == 32, proc.stdout
     for rank, (host, r, local, world, addr, port, tp, pp, cp, dp, cmd) in enumerate(rows):
         assert int(r) == rank and int(local) == rank % 8 and host == f"node0{rank // 8 + 1}"
-        assert (world, addr, port) == ("16", "node01", "14242")  # port: 10000 + job id % 20000
-        # The 70B config's layout, TP 8 inside a node, DP 2 across the nodes.
-        assert (int(tp), int(pp), int(cp), int(dp)) == (rank % 8, 0, 0, rank // 8)
+        assert (world, addr, port) == ("32", "node01", "14242")  # port: 10000 + job id % 20000
+        # The 70B config's layout on 32 GPUs: TP 4 inside a node (two TP groups per node), PP 8 across
+        # the nodes, DP 1 (Megatron's order tp-cp-ep-dp-pp: TP fastest, PP slowest).
+        assert (int(tp), int(pp), int(cp), int(dp)) == (rank % 4, rank // 4, 0, 0)
         assert cmd.endswith("run spin_mcore/configs/spin_llama3_70b.yaml platform.device=cuda train.micro_batch_size=2")
