@@ -76,7 +76,10 @@ class FusedLinearLogProbsFn(torch.autograd.Function):
         g = (g_seq.float().unsqueeze(1) + g_tok.float()).t().reshape(-1).index_select(0, kept)  # [K]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.zeros_like(h_flat) if need_h else None  # masked rows keep exactly 0
-        dw = torch.zeros_like(weight) if need_w else None  # accumulated in the weight's dtype, as Liger does
+        # Accumulated in the weight's dtype: with bf16 weights that rounds once per chunk (the materialised
+        # path's one GEMM rounds once); an fp32 accumulator would cost V_local x h x 4 bytes, at some sizes
+        # as much as the logits the op avoids.
+        dw = torch.zeros_like(weight) if need_w else None
         _, bwd = _ops(backend)
         K = kept.numel()
         for c0 in range(0, K, chunk_tokens):
