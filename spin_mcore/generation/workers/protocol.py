@@ -30,9 +30,12 @@ leaves whole shards only; shards already in ``out_dir``'s manifest are skipped o
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from spin_mcore.utils.io import atomic_write_json, read_json
 from spin_mcore.utils.shards import ShardedStage
@@ -131,3 +134,45 @@ def normalise_eos(ids: list[int], logps: list[float], finish_reason: str, stop_r
     elif ids and ids[-1] in stop_ids and finish_reason != "stop":
         raise RuntimeError(f"engine output ends in stop id {ids[-1]} with finish_reason={finish_reason!r}")
     return ids, logps
+
+
+def sample_record(key: str, index: int, ids: list, logps: list, finish_reason: str) -> dict:
+    """One engine-shard record (see module docstring)."""
+    return {"key": key, "sample_index": index, "generated_ids": ids, "engine_logp": sum(logps),
+            "engine_tokens": len(ids), "finish_reason": finish_reason}
+
+
+def serve_shards(job: Job, generate_chunk: Callable, name: str) -> dict:
+    """Every listed shard of every prompt set of ``job``: ``generate_chunk(chunk, sampling, stop_ids)``
+    returns the chunk's records (:func:`sample_record`), written as one whole shard. Returns the counts.
+
+    Shards already in a set's manifest (an earlier, killed worker's) are skipped. ``SPIN_<NAME>_KILL_AT=
+    <set>:<shard>`` SIGKILLs the worker after generating that shard, before writing it (the tests' kill
+    in the middle of a shard).
+    """
+    kill_at = os.environ.get(f"SPIN_{name.upper()}_KILL_AT")
+    tokens, shards, start = 0, 0, time.perf_counter()
+    for pset in job.sets:
+        sampling = {**job.sampling, **(pset.sampling or {})}
+        stop_ids = [int(i) for i in sampling["stop_ids"]]
+        stage = engine_stage(pset.out_dir, pset.fingerprint)
+        prompts = read_prompts(pset.prompts)
+        for k in pset.shards:
+            if stage.has_shard(k):
+                continue
+            chunk = prompts[k * pset.shard_size:(k + 1) * pset.shard_size]
+            if not chunk:
+                raise ValueError(f"{pset.prompts}: shard {k} is past the last prompt")
+            records = generate_chunk(chunk, sampling, stop_ids)
+            if kill_at == f"{pset.name}:{k}":
+                os.kill(os.getpid(), signal.SIGKILL)
+            stage.write_shard(k, records)
+            tokens += sum(r["engine_tokens"] for r in records)
+            shards += 1
+            print(f"{name}: {pset.name} shard {k} done ({len(records)} samples)", flush=True)
+    return {"generate_seconds": round(time.perf_counter() - start, 3), "generated_tokens": tokens, "shards": shards}
+
+
+def max_tokens(sampling: dict, prompt_ids: list, max_model_len: int) -> int:
+    """New tokens a prompt may get: ``max_new_tokens``, capped by the context left after the prompt."""
+    return min(int(sampling["max_new_tokens"]), max_model_len - len(prompt_ids))

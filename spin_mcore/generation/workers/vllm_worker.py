@@ -19,8 +19,6 @@ vLLM environment, which has no Megatron.
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 import sys
 import time
 
@@ -68,38 +66,20 @@ def serve(job, llm, vllm) -> dict:
     """Generate every listed shard of every set of ``job`` with the started ``llm``; returns the counts."""
     from spin_mcore.generation.workers import protocol
 
-    tokens, shards, start = 0, 0, time.perf_counter()
-    for pset in job.sets:
-        sampling = {**job.sampling, **(pset.sampling or {})}
-        stop_ids = [int(i) for i in sampling["stop_ids"]]
-        stage = protocol.engine_stage(pset.out_dir, pset.fingerprint)
-        prompts = protocol.read_prompts(pset.prompts)
-        for k in pset.shards:
-            if stage.has_shard(k):
-                continue  # done by an earlier, killed worker
-            chunk = prompts[k * pset.shard_size:(k + 1) * pset.shard_size]
-            if not chunk:
-                raise ValueError(f"{pset.prompts}: shard {k} is past the last prompt")
-            sps = [vllm.SamplingParams(**sampling_kwargs(
-                sampling, p["key"], min(int(sampling["max_new_tokens"]), job.max_model_len - len(p["prompt_ids"]))))
-                for p in chunk]
-            outs = llm.generate([{"prompt_token_ids": p["prompt_ids"]} for p in chunk], sampling_params=sps,
-                                use_tqdm=False)
-            if os.environ.get("SPIN_VLLM_WORKER_KILL_AT") == f"{pset.name}:{k}":  # tests: die mid-shard
-                os.kill(os.getpid(), signal.SIGKILL)
-            records = []
-            for p, res in zip(chunk, outs):
-                for s, o in enumerate(sorted(res.outputs, key=lambda o: o.index)):
-                    ids, logps = protocol.normalise_eos(o.token_ids, _sampled_logps(o), o.finish_reason,
-                                                        o.stop_reason, stop_ids)
-                    records.append({"key": p["key"], "sample_index": s, "generated_ids": ids,
-                                    "engine_logp": sum(logps), "engine_tokens": len(ids),
-                                    "finish_reason": o.finish_reason})
-                    tokens += len(ids)
-            stage.write_shard(k, records)
-            shards += 1
-            print(f"vllm_worker: {pset.name} shard {k} done ({len(records)} samples)", flush=True)
-    return {"generate_seconds": round(time.perf_counter() - start, 3), "generated_tokens": tokens, "shards": shards}
+    def generate_chunk(chunk, sampling, stop_ids):
+        sps = [vllm.SamplingParams(**sampling_kwargs(sampling, p["key"], protocol.max_tokens(
+            sampling, p["prompt_ids"], job.max_model_len))) for p in chunk]
+        outs = llm.generate([{"prompt_token_ids": p["prompt_ids"]} for p in chunk], sampling_params=sps,
+                            use_tqdm=False)
+        records = []
+        for p, res in zip(chunk, outs):
+            for s, o in enumerate(sorted(res.outputs, key=lambda o: o.index)):
+                ids, logps = protocol.normalise_eos(o.token_ids, _sampled_logps(o), o.finish_reason,
+                                                    o.stop_reason, stop_ids)
+                records.append(protocol.sample_record(p["key"], s, ids, logps, o.finish_reason))
+        return records
+
+    return protocol.serve_shards(job, generate_chunk, "vllm_worker")
 
 
 def main(argv: list[str]) -> int:
