@@ -6,7 +6,7 @@ with ``from_pretrained`` and by ``vllm.LLM`` with the engine worker's own settin
 (:func:`spin_mcore.generation.workers.vllm_worker.llm_kwargs` / ``sampling_kwargs``: eager
 mode, fp32, raw log-probs of each sampled token, a seed per request).
 
-The workload is SPIN's: ``4 x batch`` prompts of mixed lengths, sampled at temperature 1
+The workload is SPIN's: ``prompt_count(batch)`` prompts of mixed lengths, sampled at temperature 1
 with a stop-token set (2% of the vocabulary, so responses end at varied lengths, capped at
 ``max_new_tokens``), ``batch`` sequences in flight:
 
@@ -18,9 +18,10 @@ with a stop-token set (2% of the vocabulary, so responses end at varied lengths,
   concurrency).
 
 Throughput counts only produced tokens (up to and including the stop token). It is measured
-in CPU time of every process doing the work (vLLM: its front end plus its engine-core
-process), with the same thread count for all three, so load from other processes on a
-shared machine skews the ratios less; wall-clock tokens/s is printed too. Threads: torch
+in CPU time of every process doing the work (vLLM: its front end, engine-core and model-worker
+processes), with the same thread count for all three, so load from other processes on a
+shared machine skews the ratios less; wall-clock tokens/s, and vLLM's tokens per CPU second
+of its model worker alone, are printed too. Threads: torch
 ``set_num_threads(T)`` in this process; vLLM's engine core gets ``VLLM_CPU_OMP_THREADS_BIND``
 = cores ``0..T-1`` (vLLM then sets ``OMP_NUM_THREADS=T`` and binds them) and ``OMP_NUM_THREADS=T``.
 
@@ -97,6 +98,11 @@ def load_ours(directory: str, slots: int, max_len: int):
     return model.eval(), pstate
 
 
+def prompt_count(batch: int) -> int:
+    """Prompts per point: 4 waves of ``batch`` (the drain at the end weighs 1/4), at least 16 (batch 1's noise)."""
+    return max(16, 4 * batch)
+
+
 def stop_set(vocab: int) -> list[int]:
     """Every 50th id from 3: a 2% chance per sampled token to stop (random weights have no real EOS)."""
     return list(range(3, vocab, 50))
@@ -125,19 +131,26 @@ def _process_age() -> float:
     return time.time() - psutil.Process().create_time()
 
 
-def _tree_cpu() -> float:
-    """CPU seconds (user + system) of this process and its live descendants (vLLM's engine core)."""
+def _tree_cpu() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and its live descendants, and of the model worker alone.
+
+    vLLM on CPU runs three processes: this front end, ``VLLM::EngineCore`` (scheduler) and
+    ``VLLM::Worker`` (the model, with the bound OpenMP threads). The first figure is the
+    whole cost; the second, the worker's, is what the model itself took.
+    """
     import psutil
 
     me = psutil.Process()
-    total = 0.0
+    total = worker = 0.0
     for p in [me, *me.children(recursive=True)]:
         try:
             t = p.cpu_times()
             total += t.user + t.system
+            if "Worker" in p.name():
+                worker += t.user + t.system
         except psutil.NoSuchProcess:
             pass
-    return total
+    return total, worker
 
 
 # ----------------------------------------------------------------------------- in-process and transformers
@@ -228,7 +241,8 @@ def vllm_child(spec_path: str) -> None:
     """Runs under the vLLM environment's interpreter: one engine start, greedy check, each batch timed.
 
     Writes ``spec["result"]``: startup seconds (from process creation, ``import vllm``
-    included), greedy token ids, and per batch (cpu seconds, wall seconds, tokens).
+    included), greedy token ids, and per batch (cpu seconds of all its processes, wall
+    seconds, tokens, cpu seconds of the model worker).
     """
     from spin_mcore.generation.workers import protocol
     from spin_mcore.generation.workers.vllm_worker import llm_kwargs, sampling_kwargs
@@ -273,12 +287,13 @@ def vllm_child(spec_path: str) -> None:
     run(spec["prompts"][:2], sampled, 2)  # warm-up
     rows = {}
     for b in spec["batches"]:
-        prompts = spec["prompts"][:4 * b]
+        prompts = spec["prompts"][:prompt_count(b)]
         best = None
         for _ in range(spec["repeats"]):
-            cpu, wall = _tree_cpu(), time.perf_counter()
+            (cpu, worker), wall = _tree_cpu(), time.perf_counter()
             outs = run(prompts, sampled, b)
-            r = (_tree_cpu() - cpu, time.perf_counter() - wall, sum(len(o) for o in outs))
+            (cpu_end, worker_end), wall_end = _tree_cpu(), time.perf_counter()
+            r = (cpu_end - cpu, wall_end - wall, sum(len(o) for o in outs), worker_end - worker)
             best = r if best is None or r[0] < best[0] else best
         rows[str(b)] = best
     atomic_write_json(spec["result"], {"startup_s": startup, "greedy": greedy, "batches": rows,
@@ -322,7 +337,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny model and fewer tokens (CI smoke, < 2 min)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "1")),
                     help="CPU threads for every backend (1 avoids spin-wait contention on shared machines)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed repeats per point (best CPU time is reported)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed repeats per point, best CPU time reported (default: 1 with --quick, else 2)")
     ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
                     help="interpreter of the vLLM environment (bash launch/setup_vllm.sh creates it)")
     ap.add_argument("--vllm-child", help=argparse.SUPPRESS)
@@ -330,6 +346,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads < 1 or args.threads > (os.cpu_count() or 1):
         raise ValueError(f"--threads={args.threads}: must be in 1..{os.cpu_count()} (the cores vLLM binds to)")
+    args.repeats = (1 if args.quick else 2) if args.repeats is None else args.repeats
+    if args.repeats < 1:
+        raise ValueError(f"--repeats={args.repeats}: must be >= 1")
     if args.vllm_child:
         return vllm_child(args.vllm_child)
     import torch
@@ -347,7 +366,7 @@ def main() -> None:
     hidden, layers, heads, kv, vocab, (lo, hi), new = SIZES[size]
     batches = (1, 8, 32)
     stops = stop_set(vocab)
-    prompts = make_prompts(size, 4 * max(batches))
+    prompts = make_prompts(size, prompt_count(max(batches)))
     greedy_prompts = prompts[:GREEDY_PROMPTS]
     max_len = hi + new
     load_before = os.getloadavg()
@@ -365,7 +384,7 @@ def main() -> None:
     g_ours, g_hf = greedy_ours(model, pstate, greedy_prompts, vocab), greedy_hf(hf, greedy_prompts)
     same = g_ours == g_hf == vl["greedy"]
     print(f"model: hidden {hidden}, layers {layers}, heads {heads} (kv {kv}, head size {hidden // heads}), vocab "
-          f"{vocab}, fp32; 4 x batch prompts of {lo}-{hi - 1} tokens, <= {new} new tokens, sampled at T=1, "
+          f"{vocab}, fp32; max(16, 4 x batch) prompts of {lo}-{hi - 1} tokens, <= {new} new tokens, sampled at T=1, "
           f"{len(stops)} stop ids; {args.threads} thread(s) each (vLLM: VLLM_CPU_OMP_THREADS_BIND="
           f"{'0' if args.threads == 1 else f'0-{args.threads - 1}'}); best of {args.repeats} by CPU time; "
           f"vllm {vl['vllm']}")
@@ -376,24 +395,25 @@ def main() -> None:
     bench_ours(model, pstate, prompts[:2], 2, 2, stops, vocab)  # warm-up
     bench_hf(hf, prompts[:2], 2, 2, stops)
     print(f"{'batch':>5} {'ours tok/s':>10} {'hf tok/s':>9} {'vllm tok/s':>10} {'ours/hf':>8} {'vllm/ours':>9} "
-          f"{'vllm/hf':>8}   wall tok/s ours / hf / vllm")
+          f"{'vllm/hf':>8}   wall tok/s ours / hf / vllm   vllm tok per worker-process CPU s")
     rows = {}
     for b in batches:
-        chunk = prompts[:4 * b]
+        chunk = prompts[:prompt_count(b)]
         ours = _best(lambda: bench_ours(model, pstate, chunk, b, new, stops, vocab), args.repeats)
         theirs = _best(lambda: bench_hf(hf, chunk, b, new, stops), args.repeats)
         res = {"ours": ours, "hf": theirs, "vllm": tuple(vl["batches"][str(b)])}
         cpu = {k: r[2] / r[0] for k, r in res.items()}
+        vllm_worker = res["vllm"][2] / res["vllm"][3]
         wall = {k: r[2] / r[1] for k, r in res.items()}
         rows[b] = {"prompts": len(chunk), **{f"{k}_tok_s": round(v, 1) for k, v in cpu.items()},
                    **{f"{k}_wall_tok_s": round(v, 1) for k, v in wall.items()},
-                   **{f"{k}_tokens": r[2] for k, r in res.items()},
+                   **{f"{k}_tokens": r[2] for k, r in res.items()}, "vllm_worker_cpu_tok_s": round(vllm_worker, 1),
                    "ours_over_hf": round(cpu["ours"] / cpu["hf"], 2), "vllm_over_ours": round(cpu["vllm"] / cpu["ours"], 2),
                    "vllm_over_hf": round(cpu["vllm"] / cpu["hf"], 2)}
         r = rows[b]
         print(f"{b:>5} {cpu['ours']:>10.1f} {cpu['hf']:>9.1f} {cpu['vllm']:>10.1f} {r['ours_over_hf']:>8.2f} "
               f"{r['vllm_over_ours']:>9.2f} {r['vllm_over_hf']:>8.2f}   "
-              f"{wall['ours']:.1f} / {wall['hf']:.1f} / {wall['vllm']:.1f}")
+              f"{wall['ours']:.1f} / {wall['hf']:.1f} / {wall['vllm']:.1f}   {vllm_worker:.1f}")
     load_after = os.getloadavg()
     print(f"load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
           f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} on {os.cpu_count()} cores")
