@@ -52,9 +52,9 @@ def _fused(hidden, weight, labels, mask, vocab_size, w_seq, w_tok, tp_group=None
     return out, h.grad, w.grad
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 7, 64, 10_000])
+@pytest.mark.parametrize("chunk", [3, 7, 64, 10_000])
 def test_matches_fp64_oracle(chunk):
-    # 11 x 4 tokens, ~29 kept: no chunk size above 1 divides the kept count.
+    # 11 x 4 tokens, 22-27 kept: no chunk size divides the kept count (one chunk for 64 and 10000).
     hidden, weight, labels, mask, w_seq, w_tok = _case(11, 4, 24, 80, seed=chunk, vocab_size=73)
     seq_r, tok_r, dh_r, dw_r = _oracle(hidden, weight, labels, mask, 73, w_seq, w_tok)
     out, dh, dw = _fused(hidden, weight, labels, mask, 73, w_seq, w_tok, chunk_tokens=chunk)

@@ -97,7 +97,7 @@ class FusedLinearLogProbsFn(torch.autograd.Function):
                 dh.index_copy_(0, idx, grad @ weight)
             if need_w:
                 dw.addmm_(grad.t(), h_c)
-            del x, grad
+            del x, grad, args  # the chunk's logits buffer goes before the next one is made
         if need_h and tp_group is not None and dist.get_world_size(tp_group) > 1:
             dist.all_reduce(dh, group=tp_group)  # each rank holds its vocab shard's share of dh
         return (dh.view(S, B, H) if need_h else None), dw, None, None, None, None, None, None, None

@@ -28,11 +28,13 @@ _FINAL_HIDDEN = _SequenceMajor()  # 'stop before the output layer'
 
 
 class SpinGPTModel(GPTModel):
-    """Megatron's ``GPTModel`` plus one keyword.
+    """Megatron's ``GPTModel`` plus two keywords.
 
     ``forward(..., sequence_major_logits=True)`` returns, on the last stage, the output layer's
     vocab-parallel logits [s, b, V/tp] (contiguous; ``.transpose(0, 1)`` is the [b, s, V/tp] view
-    without a copy). Every other call behaves exactly as ``GPTModel``'s (without labels: a
+    without a copy); ``forward(..., final_hidden_states=True)`` returns the final-layernormed hidden states
+    [s, b, h] instead, for a caller that applies :meth:`output_weight` itself (the fused linear log-prob op).
+    Every other call behaves exactly as ``GPTModel``'s (without labels: a
     contiguous [b, s, V/tp] copy; with labels: Megatron's cross-entropy [b, s]).
     """
 
