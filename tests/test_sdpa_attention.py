@@ -105,10 +105,18 @@ def test_fp32_matches_head_repeating_sdpa():
 
 
 def test_backward_keeps_grouped_kv_not_copies():
-    """Saved-for-backward bytes: q, out, lse and the [b, ng, s, hn] K/V; repeating would add (np/ng - 1) x K/V."""
+    """Saved-for-backward bytes: q, out, lse and the [s, b, ng, hn] K/V; repeating would add (np/ng - 1) x K/V.
+
+    As in Megatron's attention, value is a view into the fused QKV projection output; the saved V must
+    not keep that whole buffer alive.
+    """
     sq, b, np_, ng = 32, 2, 8, 2
+    per_group = np_ // ng
     attn = _attention(np_, ng)
-    q, k, v = _inputs(sq, sq, b, np_, ng, dtype=torch.float32)
+    mixed = torch.randn(sq, b, ng, (per_group + 2) * HN, requires_grad=True)  # linear_qkv's output layout
+    query, key, value = torch.split(mixed, [per_group * HN, HN, HN], dim=3)
+    q = query.reshape(sq, b, np_, HN) * 1.0  # RoPE returns fresh q and k
+    k = key * 1.0
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -116,9 +124,12 @@ def test_backward_keeps_grouped_kv_not_copies():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = attn(q, k, v, attention_mask=None)
+        out = attn(q, k, value, attention_mask=None)
     lse = b * np_ * sq * 4
-    expected = q.nbytes + k.nbytes + v.nbytes + out.nbytes + lse
-    # With repeat_interleave the saved K and V alone would be 2 * (np / ng) * k.nbytes.
-    assert sum(saved.values()) == expected
-    assert expected < q.nbytes + 2 * (np_ // ng) * k.nbytes + out.nbytes
+    kv = k.nbytes  # one of K, V: [s, b, ng, hn] fp32
+    assert mixed.untyped_storage().data_ptr() not in saved
+    assert sum(saved.values()) == q.nbytes + 2 * kv + out.nbytes + lse
+    # Repeated K and V alone would be 2 * (np / ng) * kv; the QKV buffer kept by a V view, 6 * kv.
+    assert 2 * kv < min(2 * per_group * kv, mixed.nbytes)
+    out.sum().backward()
+    assert mixed.grad is not None and torch.isfinite(mixed.grad).all()

@@ -140,9 +140,13 @@ def build_layer_spec(gpu: bool, precision: PrecisionConfig):
     if gpu:
         warnings.warn("Transformer Engine is not installed; using Megatron's local layers (slower, no packed sequences)")
     from spin_mcore.models.sdpa_attention import SDPAttention
+    from spin_mcore.models.swiglu import SwiGLUMLP
 
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    # Same weights and values; backward keeps the fc1 output only (not silu(gate) and a copy of up).
+    # The class itself, not a ModuleSpec (see SwiGLUMLP for why).
+    spec.submodules.mlp = SwiGLUMLP
     return spec
 
 

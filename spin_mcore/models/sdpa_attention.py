@@ -68,7 +68,10 @@ class SDPAttention(MegatronModule):
         # [s, b, h, d] -> [b, h, s, d]
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
-        v = value.permute(1, 2, 0, 3)
+        # The kernel saves q, k, v for backward as given. RoPE made q and k fresh tensors, but value is
+        # a view into linear_qkv's whole [sk, b, ng, (np/ng + 2) * hn] output: saving the view would keep
+        # all of it alive (16 MB per layer at spin_step --size large), a copy keeps only V (4 MB).
+        v = value.contiguous().permute(1, 2, 0, 3)
         # Grouped-query attention (ng < np): SDPA shares each KV head across np/ng query heads itself
         # (enable_gqa). repeat_interleave would copy K and V to [b, np, sk, hn] per layer and keep the
         # copies for backward (64 MB at benchmarks/spin_step.py --size large); the CPU flash kernel
