@@ -21,9 +21,10 @@ Throughput counts only produced tokens (up to and including the stop token). It 
 in CPU time of every process doing the work (vLLM: its front end, engine-core and model-worker
 processes), with the same thread count for all three, so load from other processes on a
 shared machine skews the ratios less; wall-clock tokens/s, and vLLM's tokens per CPU second
-of its model worker alone, are printed too. Threads: torch
-``set_num_threads(T)`` in this process; vLLM's engine core gets ``VLLM_CPU_OMP_THREADS_BIND``
-= cores ``0..T-1`` (vLLM then sets ``OMP_NUM_THREADS=T`` and binds them) and ``OMP_NUM_THREADS=T``.
+of its model worker alone, are printed too. Threads: torch ``set_num_threads(T)`` in this
+process; vLLM gets ``VLLM_CPU_OMP_THREADS_BIND`` = cores ``0..T-1``, so its model worker runs
+``OMP_NUM_THREADS=T`` threads bound to those cores (its scheduler and front end are single
+Python threads), and ``OMP_NUM_THREADS=T`` for its other processes.
 
 Startup (until the first generate can run) is measured in a fresh interpreter per backend,
 from process creation: imports (torch, Megatron / transformers / ``import vllm``), model
