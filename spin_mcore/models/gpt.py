@@ -147,6 +147,14 @@ def build_layer_spec(gpu: bool, precision: PrecisionConfig):
     # Same weights and values; backward keeps the fc1 output only (not silu(gate) and a copy of up).
     # The class itself, not a ModuleSpec (see SwiGLUMLP for why).
     spec.submodules.mlp = SwiGLUMLP
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from spin_mcore.models.rms_norm import RecomputedRMSNorm
+
+    # torch's RMSNorm (no Apex): same values, backward recomputes instead of keeping x * rrms.
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        if getattr(spec.submodules, name) is WrappedTorchNorm:
+            setattr(spec.submodules, name, RecomputedRMSNorm)
     return spec
 
 
