@@ -76,6 +76,7 @@ class SDPAttention(MegatronModule):
         # (enable_gqa). repeat_interleave would copy K and V to [b, np, sk, hn] per layer and keep the
         # copies for backward (64 MB at benchmarks/spin_step.py --size large); the CPU flash kernel
         # saves the [b, ng, sk, hn] tensors and its backward sums the heads' grads without the copy.
+        # The output is bitwise the same; K/V grads differ at rounding level (that head sum's order).
         gqa = ng != np_
 
         mask = None
