@@ -34,6 +34,7 @@ def run_command(name: str, args) -> int:
     from spin_mcore.commands.common import split_config_and_overrides
     from spin_mcore.config import ConfigError, load_config
     from spin_mcore.data.preflight import check_data
+    from spin_mcore.generation.external import preflight
     from spin_mcore.launcher import launch_rank, launched, run_local
     from spin_mcore.platform.distributed import select_device
     from spin_mcore.selfimprove.verifiers import build_verifier
@@ -45,7 +46,7 @@ def run_command(name: str, args) -> int:
         from spin_mcore.selfimprove.rpo import rpo_config
 
         rpo_config(cfg)
-    select_device(cfg.platform.device)
+    preflight(cfg, select_device(cfg.platform.device))  # generation.backend=vllm|trtllm can run here
     check_data(cfg)
     if cfg.run.init_checkpoint is None:
         raise ValueError(f"run.init_checkpoint is not set: {name} starts from a model (theta_0, an mcore checkpoint)")

@@ -112,7 +112,11 @@ def verify_records(verifier: Verifier, records: list[dict], references: dict) ->
 def sample_and_verify(cfg: Config, pstate, run: RunDir, t: int, theta: str, prompts: list, data: VerifiedData,
                       name: str, k: int, seed_offset: int = 0, model=None) -> list[dict]:
     """K samples per prompt from ``theta`` into ``iter_t/<name>_generation`` (resumable), verified
-    into ``iter_t/<name>_verified.jsonl`` (reused when present). Collective; every rank gets the records."""
+    into ``iter_t/<name>_verified.jsonl`` (reused when present). Collective; every rank gets the records.
+
+    ``model``: theta_t already loaded (in-process engine). With ``generation.backend=vllm|trtllm`` callers
+    pass None, so no Megatron copy stays resident while the engine runs (its export is made from a fresh load).
+    """
     from spin_mcore.generation.stage import generate_opponent
     from spin_mcore.loop import load_policy
     from spin_mcore.utils.shards import read_stage
@@ -120,13 +124,20 @@ def sample_and_verify(cfg: Config, pstate, run: RunDir, t: int, theta: str, prom
     out_file = run.iteration(t) / f"{name}_verified.jsonl"
     if not out_file.exists():
         gen_dir = run.iteration(t) / f"{name}_generation"
-        own = model is None
-        model = load_policy(cfg, pstate, theta) if own else model
-        generate_opponent(with_samples(cfg, k, seed_offset), model, pstate, prompts, data.tokenizer, gen_dir, t,
-                          checkpoint_id=str(theta))
-        if own:
-            del model
-            gc.collect()
+        gen_cfg = with_samples(cfg, k, seed_offset)
+        if cfg.generation.backend != "megatron":  # one engine start for this prompt set (vLLM, TensorRT-LLM)
+            from spin_mcore.generation.external import generate_with_engine
+
+            generate_with_engine(gen_cfg, pstate, lambda: model if model is not None else
+                                 load_policy(cfg, pstate, theta), [(name, prompts, gen_dir)], data.tokenizer, t,
+                                 str(theta), gen_dir)
+        else:
+            own = model is None
+            model = load_policy(cfg, pstate, theta) if own else model
+            generate_opponent(gen_cfg, model, pstate, prompts, data.tokenizer, gen_dir, t, checkpoint_id=str(theta))
+            if own:
+                del model
+                gc.collect()
         if pstate.rank == 0:
             verified = verify_records(data.verifier, list(read_stage(gen_dir)), data.references)
             atomic_write_text(out_file, "".join(json.dumps(r) + "\n" for r in verified))
@@ -238,9 +249,6 @@ def run_verified_loop(cfg: Config, pstate, method: str, step: IterationFn, force
     An iteration whose ``eval.json`` exists is skipped (its theta_{t+1} reused); the results
     table and plot are rewritten after every iteration. Returns the rows (theta_0 first).
     """
-    if cfg.generation.backend != "megatron":
-        raise ConfigError(f"generation.backend={cfg.generation.backend}: the {method} loop samples with the "
-                          "in-process engine only (generation.backend=megatron) for now")
     if cfg.run.init_checkpoint is None or cfg.run.init_from_hf:
         raise ConfigError(f"run.init_checkpoint: the {method} loop starts from an mcore checkpoint of theta_0 "
                           "(convert an HF model with spin-mcore convert; run.init_from_hf is not supported here)")

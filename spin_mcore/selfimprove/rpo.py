@@ -68,7 +68,7 @@ def rpo_iteration(cfg, pstate, run, t: int, theta: str, theta0: str, data, log) 
     from spin_mcore.utils.shards import ShardedStage, fingerprint, read_stage
 
     si, cfg = cfg.selfimprove, rpo_config(cfg)
-    model = load_policy(cfg, pstate, theta)
+    model = load_policy(cfg, pstate, theta) if cfg.generation.backend == "megatron" else None  # see star.py
     verified = sample_and_verify(cfg, pstate, run, t, theta, data.train, data, "train", si.num_samples, model=model)
     stats = collapse_watch(verified, si.num_samples, si.min_distinct_2, log)
     pairs = build_pairs(verified)
@@ -89,6 +89,7 @@ def rpo_iteration(cfg, pstate, run, t: int, theta: str, theta0: str, data, log) 
 
     if dist.is_initialized():
         dist.barrier()
+    model = model if model is not None else load_policy(cfg, pstate, theta)
     compute_reference_logprobs(cfg, model, pstate, [pair_dir], ref_dir, model_id=str(theta))
     del model
     gc.collect()

@@ -53,7 +53,8 @@ def star_iteration(cfg, pstate, run, t: int, theta: str, theta0: str, data, log)
     from spin_mcore.loop import load_policy
 
     si = cfg.selfimprove
-    model = load_policy(cfg, pstate, theta)
+    # The in-process engine reuses one loaded theta_t for both passes; an external engine loads its own.
+    model = load_policy(cfg, pstate, theta) if cfg.generation.backend == "megatron" else None
     verified = sample_and_verify(cfg, pstate, run, t, theta, data.train, data, "train", si.num_samples, model=model)
     stats = collapse_watch(verified, si.num_samples, si.min_distinct_2, log)
     correct = filter_kept(verified, 1.0, si.max_per_prompt)
