@@ -74,3 +74,26 @@ def make_tiny_spin_inputs(root: Path, records: int = 240) -> tuple[Path, Path]:
                               root / "tokenizer", vocab_size=TINY_VOCAB, seed=0)
     run_local(save_random_theta0, 1, str(root / "theta0"), TINY_VOCAB)
     return root, tok
+
+
+def hf_greedy_until(model, prompts: list[list[int]], stop: int, max_new: int) -> list[list[int]]:
+    """transformers' greedy continuations of each prompt, stopping on ``stop`` (kept at the end, as y keeps EOS)."""
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
+                                 eos_token_id=stop, pad_token_id=0)
+            outs.append(gen[0, len(p):].tolist())
+    return outs
+
+
+def hf_logp(model, prompt: list[int], gen: list[int]) -> float:
+    """log p(gen | prompt) under the unscaled model (fp64 log-softmax of the fp32 logits)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + gen])).logits[0, len(prompt) - 1:-1].double()
+    return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(gen)[:, None]).sum())

@@ -33,4 +33,6 @@ def test_fixed_mmap_threshold_returns_freed_tensors_to_the_os():
     on, off = _run("on"), _run("off")
     assert on["set"] is True
     assert on["retained_mb"] < 8, on  # every 16 MiB tensor was its own mapping, unmapped on free
-    assert off["retained_mb"] > 64, off  # glibc's default: the freed heap stays resident
+    # glibc's default keeps freed heap resident: how much varies with its dynamic thresholds and trimming
+    # (48 to 208 MiB seen), but always more than one freed 16 MiB tensor, and far more than with the fix.
+    assert off["retained_mb"] > max(16, 4 * on["retained_mb"]), off

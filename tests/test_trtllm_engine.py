@@ -22,6 +22,7 @@ import torch
 
 from spin_mcore.generation.workers import protocol
 from spin_mcore.generation.workers import trtllm_worker as tw
+from tests.helpers import hf_greedy_until, hf_logp
 from tests.test_generation import BOS, EOS, MAX_NEW, VOCAB, _prompts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,20 +239,7 @@ def test_worker_without_tensorrt_llm_fails_with_one_line(tmp_path):
 
 
 def _hf_greedy_until(model, prompts, stop: int) -> list[list[int]]:
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_NEW,
-                                 eos_token_id=stop, pad_token_id=0)
-            outs.append(gen[0, len(p):].tolist())
-    return outs
-
-
-def _hf_logp(model, prompt: list[int], gen: list[int]) -> float:
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + gen])).logits[0, len(prompt) - 1:-1].double()
-    return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(gen)[:, None]).sum())
+    return hf_greedy_until(model, prompts, stop, MAX_NEW)
 
 
 @pytest.mark.gpu
@@ -299,6 +287,6 @@ def test_trtllm_worker_matches_transformers_with_eos(tmp_path):
     assert len(sampled) == 2 * len(_prompts())
     # engine_logp: the RAW log-probs (unscaled by the temperature), stop token included; bf16 engine
     for r in greedy + sampled:
-        want = _hf_logp(ref, _prompts()[int(r["key"][1:])], r["generated_ids"])
+        want = hf_logp(ref, _prompts()[int(r["key"][1:])], r["generated_ids"])
         assert abs(r["engine_logp"] - want) < 1e-2, (r, want)
         assert (r["finish_reason"] == "stop") == (r["generated_ids"][-1] == stop)

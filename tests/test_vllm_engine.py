@@ -18,6 +18,7 @@ import torch
 from spin_mcore.config import load_config
 from spin_mcore.generation.workers import protocol
 from spin_mcore.launcher import run_local
+from tests.helpers import hf_greedy_until, hf_logp
 from tests.test_generation import BOS, EOS, MAX_NEW, VOCAB, _prompts
 
 # vLLM's CPU attention takes head sizes 32, 64, 80, ... (not the tiny preset's 16): 2 heads of 32, and
@@ -36,22 +37,7 @@ def _need_vllm_env() -> None:
 
 
 def _hf_greedy_until(model, prompts, stop: int) -> list[list[int]]:
-    """transformers' greedy continuations, stopping on ``stop`` (kept at the end, as y keeps EOS)."""
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_NEW,
-                                 eos_token_id=stop, pad_token_id=0)
-            outs.append(gen[0, len(p):].tolist())
-    return outs
-
-
-def _hf_logp(model, prompt: list[int], gen: list[int]) -> float:
-    """log p(gen | prompt) under the unscaled model (fp64 log-softmax of the fp32 logits)."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + gen])).logits[0, len(prompt) - 1:-1].double()
-    return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(gen)[:, None]).sum())
+    return hf_greedy_until(model, prompts, stop, MAX_NEW)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +120,7 @@ def test_engine_logprobs_are_raw_model_logprobs(hf_model, engine_run):
     gaps = []
     for r in engine_run["greedy"] + sampled:
         p = _prompts()[int(r["key"][1:])]
-        ref = _hf_logp(model, p, r["generated_ids"])
+        ref = hf_logp(model, p, r["generated_ids"])
         gaps.append(abs(r["engine_logp"] - ref) / len(r["generated_ids"]))
     assert max(gaps) < 1e-4, gaps
     # Temperature 0.7 samples differ from greedy ones, and a sample's pair is not a copy.
