@@ -1,4 +1,4 @@
-"""Opponent generation by an external engine (vLLM) in its own process: one engine per iteration.
+"""Opponent generation by an external engine (vLLM, TensorRT-LLM) in its own process: one engine per iteration.
 
     generate_with_engine(...)       collective: the whole step, used by the loop and `spin-mcore generate`
       plan_engine_job(...)          rank 0: which shards of which prompt sets still need the engine
@@ -44,6 +44,7 @@ from spin_mcore.utils.shards import ShardedStage
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 ENGINES = ("vllm", "trtllm")  # each has launch/setup_<name>.sh and workers/<name>_worker.py
+ENGINE_WAIT = timedelta(hours=24)  # the engine may take hours on a large prompt set
 
 
 def setup_hint(backend: str) -> str:
@@ -52,7 +53,6 @@ def setup_hint(backend: str) -> str:
 
 def worker_module(backend: str) -> str:
     return f"spin_mcore.generation.workers.{backend}_worker"
-ENGINE_WAIT = timedelta(hours=24)  # the engine may take hours on a large prompt set
 
 
 @dataclass
