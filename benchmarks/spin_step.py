@@ -197,7 +197,7 @@ def _modules_of(model):
     return model_chunks(model)
 
 
-def run_ours(work: Path, size: str) -> dict:
+def run_ours(work: Path, size: str, fused_linear: bool = False) -> dict:
     import gc
 
     from spin_mcore.config import load_config
@@ -210,23 +210,25 @@ def run_ours(work: Path, size: str) -> dict:
     mem.install()
     import spin_mcore.training.trainer as trainer  # after install: train() calls the wrapped functions
 
-    cfg = load_config(overrides=_overrides(s))
+    cfg = load_config(overrides=_overrides(s) + [f"train.fused_linear_logprobs={str(fused_linear).lower()}"])
     pstate = init_distributed(cfg.parallel, seed=0)
     mem.mark("start (imports, process group)")
     t0 = time.perf_counter()
     mem.prefix = "reference: "
     ref_model = setup_model(cfg, pstate, str(work / "theta0"), wrap_ddp=False)
-    compute_reference_logprobs(cfg, ref_model, pstate, [work / "pairs"], work / "ours_ref")
+    ref_dir = work / ("ours_fused_ref" if fused_linear else "ours_ref")
+    compute_reference_logprobs(cfg, ref_model, pstate, [work / "pairs"], ref_dir)
     mem.mark("reference pass")
     ref_seconds = time.perf_counter() - t0
     del ref_model  # the reference pass is its own stage: training holds one model
     gc.collect()
     mem.mark("model freed")
     mem.prefix = "train: "
-    summary = trainer.train(cfg, pstate, [work / "ours_ref"], str(work / "theta0"), work / "ours_train")
+    out_dir = work / ("ours_fused_train" if fused_linear else "ours_train")
+    summary = trainer.train(cfg, pstate, [ref_dir], str(work / "theta0"), out_dir)
     mem.prefix = ""
     mem.mark("end")
-    steps = [json.loads(x) for x in (work / "ours_train" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     times = [x["step_seconds"] for x in steps][s["warmup"]:]
     return {"step_seconds": statistics.median(times), "reference_pass_seconds": ref_seconds,
             "first_loss": steps[0]["loss"], "final_loss": summary["final"]["loss"], "reference_resident": False,
@@ -262,7 +264,10 @@ def run_trl(work: Path, size: str, precompute: bool) -> dict:
                      gradient_accumulation_steps=1, max_steps=s["steps"], learning_rate=LR, lr_scheduler_type="constant",
                      beta=BETA, loss_type=["sigmoid"], optim="rmsprop", use_cpu=True, report_to=[], logging_steps=1,
                      save_strategy="no", max_length=s["prompt"] + s["response"] + 1, precompute_ref_log_probs=precompute,
-                     dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                     dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                     # TRL >= 0.2x defaults bf16=True: on CPU that is autocast to bf16 through torch's scalar
+                     # fallback GEMM (minutes a step), and not the fp32 our side runs.
+                     bf16=False, fp16=False)
     t0 = time.perf_counter()
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tok, train_dataset=data,
                          callbacks=[Timer()])
@@ -283,17 +288,21 @@ def side_main(args) -> None:
     if args.side == "prepare":
         prepare(work, args.size)
         out = {}
-    elif args.side == "ours":
-        out = run_ours(work, args.size)
+    elif args.side in ("ours", "ours_fused"):
+        out = run_ours(work, args.size, fused_linear=args.side == "ours_fused")
     else:
         out = run_trl(work, args.size, precompute=args.side == "trl_pre")
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
 
-def _run_side(side: str, work: Path, size: str, threads: int) -> dict:
+def _run_side(side: str, work: Path, size: str, threads: int, same_heap: bool = False) -> dict:
     env = dict(os.environ, SPIN_MCORE_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    if same_heap:  # every side gets the glibc setting our trainer makes itself (utils/heap.py), so RSS compares models
+        from spin_mcore.utils.heap import DEFAULT_THRESHOLD
+
+        env["MALLOC_MMAP_THRESHOLD_"] = str(DEFAULT_THRESHOLD)
     cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--size", size, "--threads", str(threads)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -310,7 +319,12 @@ def main() -> None:
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--size", default=None, choices=sorted(SIZES),
                         help="model/batch size (default 'full'; --quick = 'quick'; 'large' = issue 13's hidden 512, seq 512)")
-    parser.add_argument("--sides", default="ours,trl_live,trl_pre", help=argparse.SUPPRESS)  # comma list (debugging)
+    parser.add_argument("--same-heap", action="store_true",
+                        help="run the TRL sides with the fixed glibc mmap threshold our trainer sets itself "
+                             "(MALLOC_MMAP_THRESHOLD_), to separate the allocator's share of the RSS ratio from the models'")
+    parser.add_argument("--sides", default="ours,trl_live,trl_pre",
+                        help="comma list of ours, ours_fused (train.fused_linear_logprobs=true), trl_live, trl_pre; "
+                             "the ratio summary needs the default three, other lists print each side's JSON")
     args = parser.parse_args()
     if args.side:
         return side_main(args)
@@ -325,12 +339,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="spin_step_") as tmp:
         work = Path(tmp)
         _run_side("prepare", work, size, args.threads)
-        res = {side: _run_side(side, work, size, args.threads) for side in args.sides.split(",")}
+        res = {side: _run_side(side, work, size, args.threads, args.same_heap) for side in args.sides.split(",")}
     if "ours" in res:
         print(f"{'our phase':44s} {'RSS MB':>9s} {'peak RSS MB':>12s}")
         for row in res["ours"]["memory_phases"]:
             print(f"{row['phase']:44s} {row['rss_mb']:9.1f} {row['peak_rss_mb']:12.1f}")
-    if set(res) != {"ours", "trl_live", "trl_pre"}:
+    if not {"ours", "trl_live", "trl_pre"} <= set(res):
         print(json.dumps(res))
         return
     for name, r in res.items():
@@ -340,7 +354,8 @@ def main() -> None:
               f"loss {r['first_loss']:.5f} -> {r['final_loss']:.5f}")
     ours, live, pre = res["ours"], res["trl_live"], res["trl_pre"]
     summary = {
-        "size": size, "model": {k: s[k] for k in ("hidden", "layers", "vocab")}, "pairs_per_step": s["batch"],
+        "size": size, "same_heap": args.same_heap, "model": {k: s[k] for k in ("hidden", "layers", "vocab")},
+        "pairs_per_step": s["batch"],
         "seq_len": s["prompt"] + s["response"] + 1, "threads": args.threads, "tokens_per_step": tokens_per_step,
         "ours_tokens_per_s": round(ours["tokens_per_s"], 1),
         "trl_live_tokens_per_s": round(live["tokens_per_s"], 1),
@@ -359,6 +374,13 @@ def main() -> None:
         "trl_token_lengths": live.get("token_lengths"),
         "ours_memory_phases": ours["memory_phases"],
     }
+    if "ours_fused" in res:  # the same step with train.fused_linear_logprobs=true
+        fused = res["ours_fused"]
+        summary.update({"ours_fused_tokens_per_s": round(fused["tokens_per_s"], 1),
+                        "fused_step_time_ratio": round(fused["step_seconds"] / ours["step_seconds"], 3),
+                        "ours_fused_peak_rss_mb": round(fused["peak_rss_mb"], 1),
+                        "fused_rss_ratio_vs_trl_live": round(fused["peak_rss_mb"] / live["peak_rss_mb"], 3),
+                        "fused_step0_loss": fused["first_loss"]})
     print(json.dumps(summary))
 
 

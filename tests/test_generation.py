@@ -20,6 +20,7 @@ from spin_mcore.generation import SamplingParams
 from spin_mcore.generation.sampling import filter_logits, sample_tokens
 from spin_mcore.generation.stage import prepare_prompts
 from spin_mcore.launcher import run_local
+from tests.helpers import hf_greedy_until
 
 VOCAB, EOS, BOS = 500, 2, 1  # 500 is not a multiple of 128: TP padding columns exist
 PROMPT_LENS = (5, 11, 3, 17, 8)
@@ -67,17 +68,6 @@ def hf_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf") / "tiny"
     model.save_pretrained(path, safe_serialization=True)
     return model, str(path)
-
-
-def _hf_greedy(model, prompts) -> list[list[int]]:
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_NEW,
-                                 eos_token_id=EOS, pad_token_id=0)
-            outs.append(gen[0, len(p):].tolist())
-    return outs
 
 
 # ----------------------------------------------------------------------------- workers
@@ -229,7 +219,7 @@ def tp2(hf_model, tmp_path_factory):
 
 
 def test_greedy_matches_transformers_tp1_and_tp2(hf_model, tp1, tp2):
-    expected = _hf_greedy(hf_model[0], _prompts())
+    expected = hf_greedy_until(hf_model[0], _prompts(), EOS, MAX_NEW)
     assert any(len(e) == MAX_NEW for e in expected)
     assert [o[0] for o in tp1[0]["greedy"]] == expected
     for rank in tp2[0]:

@@ -81,16 +81,9 @@ def sequence_logprobs(
     """
     if backend not in _BACKENDS:
         raise ValueError(f"sequence_logprobs: backend={backend!r}, expected one of {_BACKENDS}")
-    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
     keep = _validate(logits, labels, loss_mask, backend)
     B, S, v_local = logits.shape
-    total = tp * v_local
-    if vocab_size is None:
-        vocab_size = total
-    if not 1 <= vocab_size <= total:
-        raise ValueError(f"sequence_logprobs: vocab_size={vocab_size} must be in [1, tp * V_local] = "
-                         f"[1, {tp} * {v_local} = {total}]")
+    tp, tp_rank, vocab_size = vocab_shard("sequence_logprobs", tp_group, v_local, vocab_size)
     labels = labels.long()
     _check_labels(labels, keep, vocab_size)
     token_counts = keep.sum(dim=1, dtype=torch.int64)
@@ -142,6 +135,22 @@ def _validate(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tenso
         if t.device != logits.device:
             raise ValueError(f"sequence_logprobs: {name} on {t.device} but logits on {logits.device}")
     return loss_mask != 0
+
+
+def vocab_shard(op: str, tp_group, v_local: int, vocab_size: Optional[int]) -> tuple[int, int, int]:
+    """(tp, tp_rank, vocab_size) of a vocab-parallel op whose rank holds ``v_local`` columns.
+
+    ``vocab_size`` None means every column of every rank is real; otherwise it must lie in
+    [1, tp * v_local] (the padded columns past it never count). ValueError names ``op``.
+    """
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    total = tp * v_local
+    if vocab_size is None:
+        vocab_size = total
+    if not 1 <= vocab_size <= total:
+        raise ValueError(f"{op}: vocab_size={vocab_size} must be in [1, tp * V_local] = [1, {tp} * {v_local} = {total}]")
+    return tp, tp_rank, vocab_size
 
 
 def _check_labels(labels: torch.Tensor, keep: torch.Tensor, vocab_size: int) -> None:

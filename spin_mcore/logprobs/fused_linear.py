@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from spin_mcore.logprobs import LogProbs, _check_labels
+from spin_mcore.logprobs import LogProbs, _check_labels, vocab_shard
 from spin_mcore.logprobs.fused_linear_autograd import FusedLinearLogProbsFn
 
 __all__ = ["fused_linear_sequence_logprobs"]
@@ -64,15 +64,8 @@ def fused_linear_sequence_logprobs(
     if backend not in ("auto", "triton", "chunked"):
         raise ValueError(f"fused_linear_sequence_logprobs: backend={backend!r}, expected auto, triton or chunked")
     keep = _validate(hidden, weight, labels, loss_mask, chunk_tokens)
-    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
     v_local = weight.shape[0]
-    total = tp * v_local
-    if vocab_size is None:
-        vocab_size = total
-    if not 1 <= vocab_size <= total:
-        raise ValueError(f"fused_linear_sequence_logprobs: vocab_size={vocab_size} must be in [1, tp * V_local] = "
-                         f"[1, {tp} * {v_local} = {total}]")
+    tp, tp_rank, vocab_size = vocab_shard("fused_linear_sequence_logprobs", tp_group, v_local, vocab_size)
     labels = labels.long()
     _check_labels(labels, keep, vocab_size)
     token_counts = keep.sum(dim=1, dtype=torch.int64)

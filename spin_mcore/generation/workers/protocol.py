@@ -142,6 +142,19 @@ def sample_record(key: str, index: int, ids: list, logps: list, finish_reason: s
             "engine_tokens": len(ids), "finish_reason": finish_reason}
 
 
+def generate_records(llm, chunk: list[dict], params_for: Callable, sample_of: Callable) -> list[dict]:
+    """One ``llm.generate`` call (vLLM's and TensorRT-LLM's LLM API have the same shape) over a shard's
+    prompts; ``params_for(prompt)`` gives each prompt's sampling params, ``sample_of(output)`` turns one
+    completion into (ids, logps, finish_reason). Records in (prompt, sample index) order."""
+    outs = llm.generate([{"prompt_token_ids": p["prompt_ids"]} for p in chunk],
+                        sampling_params=[params_for(p) for p in chunk], use_tqdm=False)
+    records = []
+    for p, res in zip(chunk, outs):
+        for s, o in enumerate(sorted(res.outputs, key=lambda o: o.index)):
+            records.append(sample_record(p["key"], s, *sample_of(o)))
+    return records
+
+
 def serve_shards(job: Job, generate_chunk: Callable, name: str) -> dict:
     """Every listed shard of every prompt set of ``job``: ``generate_chunk(chunk, sampling, stop_ids)``
     returns the chunk's records (:func:`sample_record`), written as one whole shard. Returns the counts.

@@ -241,20 +241,17 @@ def serve(job, llm, trtllm) -> dict:
     from spin_mcore.generation.workers import protocol
 
     def generate_chunk(chunk, sampling, stop_ids):
-        sps = [make_sampling_params(trtllm, sampling_kwargs(sampling, p["key"], protocol.max_tokens(
-            sampling, p["prompt_ids"], job.max_model_len))) for p in chunk]
-        outs = llm.generate([{"prompt_token_ids": p["prompt_ids"]} for p in chunk], sampling_params=sps,
-                            use_tqdm=False)
-        records = []
-        for p, res in zip(chunk, outs):
-            for s, o in enumerate(sorted(res.outputs, key=lambda o: o.index)):
-                ids, logps, finish = normalise_output(o.token_ids, o.logprobs, o.finish_reason, o.stop_reason,
-                                                      stop_ids)
-                # the shared convention check (the same one the vLLM worker's outputs pass)
-                ids, logps = protocol.normalise_eos(ids, logps, finish, ids[-1] if finish == "stop" else None,
-                                                    stop_ids)
-                records.append(protocol.sample_record(p["key"], s, ids, logps, finish))
-        return records
+        def params_for(p):
+            return make_sampling_params(trtllm, sampling_kwargs(sampling, p["key"], protocol.max_tokens(
+                sampling, p["prompt_ids"], job.max_model_len)))
+
+        def sample_of(o):
+            ids, logps, finish = normalise_output(o.token_ids, o.logprobs, o.finish_reason, o.stop_reason, stop_ids)
+            # the shared convention check (the same one the vLLM worker's outputs pass)
+            ids, logps = protocol.normalise_eos(ids, logps, finish, ids[-1] if finish == "stop" else None, stop_ids)
+            return ids, logps, finish
+
+        return protocol.generate_records(llm, chunk, params_for, sample_of)
 
     return protocol.serve_shards(job, generate_chunk, "trtllm_worker")
 

@@ -67,17 +67,16 @@ def serve(job, llm, vllm) -> dict:
     from spin_mcore.generation.workers import protocol
 
     def generate_chunk(chunk, sampling, stop_ids):
-        sps = [vllm.SamplingParams(**sampling_kwargs(sampling, p["key"], protocol.max_tokens(
-            sampling, p["prompt_ids"], job.max_model_len))) for p in chunk]
-        outs = llm.generate([{"prompt_token_ids": p["prompt_ids"]} for p in chunk], sampling_params=sps,
-                            use_tqdm=False)
-        records = []
-        for p, res in zip(chunk, outs):
-            for s, o in enumerate(sorted(res.outputs, key=lambda o: o.index)):
-                ids, logps = protocol.normalise_eos(o.token_ids, _sampled_logps(o), o.finish_reason,
-                                                    o.stop_reason, stop_ids)
-                records.append(protocol.sample_record(p["key"], s, ids, logps, o.finish_reason))
-        return records
+        def params_for(p):
+            return vllm.SamplingParams(**sampling_kwargs(sampling, p["key"], protocol.max_tokens(
+                sampling, p["prompt_ids"], job.max_model_len)))
+
+        def sample_of(o):
+            ids, logps = protocol.normalise_eos(o.token_ids, _sampled_logps(o), o.finish_reason, o.stop_reason,
+                                                stop_ids)
+            return ids, logps, o.finish_reason
+
+        return protocol.generate_records(llm, chunk, params_for, sample_of)
 
     return protocol.serve_shards(job, generate_chunk, "vllm_worker")
 
