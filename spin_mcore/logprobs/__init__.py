@@ -83,10 +83,8 @@ def sequence_logprobs(
         raise ValueError(f"sequence_logprobs: backend={backend!r}, expected one of {_BACKENDS}")
     keep = _validate(logits, labels, loss_mask, backend)
     B, S, v_local = logits.shape
-    tp, tp_rank, vocab_size = vocab_shard("sequence_logprobs", tp_group, v_local, vocab_size)
-    labels = labels.long()
-    _check_labels(labels, keep, vocab_size)
-    token_counts = keep.sum(dim=1, dtype=torch.int64)
+    tp, tp_rank, vocab_size, labels, token_counts = vocab_parallel_inputs("sequence_logprobs", tp_group, v_local,
+                                                                          vocab_size, labels, keep)
 
     if backend == "auto":
         backend = "triton" if logits.is_cuda else "chunked"
@@ -137,11 +135,14 @@ def _validate(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tenso
     return loss_mask != 0
 
 
-def vocab_shard(op: str, tp_group, v_local: int, vocab_size: Optional[int]) -> tuple[int, int, int]:
-    """(tp, tp_rank, vocab_size) of a vocab-parallel op whose rank holds ``v_local`` columns.
+def vocab_parallel_inputs(op: str, tp_group, v_local: int, vocab_size: Optional[int], labels: torch.Tensor,
+                          keep: torch.Tensor) -> tuple[int, int, int, torch.Tensor, torch.Tensor]:
+    """(tp, tp_rank, vocab_size, labels as int64 [B, S], kept tokens per sequence int64 [B]) of a
+    vocab-parallel op whose rank holds ``v_local`` columns; ``keep`` is the bool mask [B, S].
 
     ``vocab_size`` None means every column of every rank is real; otherwise it must lie in
-    [1, tp * v_local] (the padded columns past it never count). ValueError names ``op``.
+    [1, tp * v_local] (the padded columns past it never count). Kept labels must be real ids.
+    ValueError names ``op``.
     """
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
@@ -150,7 +151,9 @@ def vocab_shard(op: str, tp_group, v_local: int, vocab_size: Optional[int]) -> t
         vocab_size = total
     if not 1 <= vocab_size <= total:
         raise ValueError(f"{op}: vocab_size={vocab_size} must be in [1, tp * V_local] = [1, {tp} * {v_local} = {total}]")
-    return tp, tp_rank, vocab_size
+    labels = labels.long()
+    _check_labels(labels, keep, vocab_size)
+    return tp, tp_rank, vocab_size, labels, keep.sum(dim=1, dtype=torch.int64)
 
 
 def _check_labels(labels: torch.Tensor, keep: torch.Tensor, vocab_size: int) -> None:

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from spin_mcore.logprobs import LogProbs, _check_labels, vocab_shard
+from spin_mcore.logprobs import LogProbs, vocab_parallel_inputs
 from spin_mcore.logprobs.fused_linear_autograd import FusedLinearLogProbsFn
 
 __all__ = ["fused_linear_sequence_logprobs"]
@@ -65,10 +65,8 @@ def fused_linear_sequence_logprobs(
         raise ValueError(f"fused_linear_sequence_logprobs: backend={backend!r}, expected auto, triton or chunked")
     keep = _validate(hidden, weight, labels, loss_mask, chunk_tokens)
     v_local = weight.shape[0]
-    tp, tp_rank, vocab_size = vocab_shard("fused_linear_sequence_logprobs", tp_group, v_local, vocab_size)
-    labels = labels.long()
-    _check_labels(labels, keep, vocab_size)
-    token_counts = keep.sum(dim=1, dtype=torch.int64)
+    tp, tp_rank, vocab_size, labels, token_counts = vocab_parallel_inputs("fused_linear_sequence_logprobs", tp_group,
+                                                                          v_local, vocab_size, labels, keep)
     if backend == "auto":
         backend = "triton" if hidden.is_cuda else "chunked"
     vocab_start = tp_rank * v_local

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,6 +84,14 @@ class Job:
             raise ValueError(f"{path}: job version {raw.get('version')!r}, this worker reads {VERSION}")
         raw["sets"] = [PromptSet(**s) for s in raw["sets"]]
         return cls(**raw)
+
+
+def job_from_argv(argv: list[str], worker: str) -> Optional[Job]:
+    """The Job named by a worker's only argument, or None after printing the usage line (exit 2)."""
+    if len(argv) != 1:
+        print(f"usage: python -m spin_mcore.generation.workers.{worker} JOB.json", file=sys.stderr)
+        return None
+    return Job.load(argv[0])
 
 
 def write_prompts(path: str | Path, keys: list[str], prompt_ids: list[list[int]]) -> None:

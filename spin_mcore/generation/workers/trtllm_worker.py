@@ -260,10 +260,9 @@ def main(argv: list[str]) -> int:
     from spin_mcore.generation.workers import protocol
     from spin_mcore.utils.io import atomic_write_json
 
-    if len(argv) != 1:
-        print("usage: python -m spin_mcore.generation.workers.trtllm_worker JOB.json", file=sys.stderr)
+    job = protocol.job_from_argv(argv, "trtllm_worker")
+    if job is None:
         return 2
-    job = protocol.Job.load(argv[0])
     quant = job.engine.get("quantization")
     if quant not in (None, "fp8"):
         raise ValueError(f"job engine.quantization={quant!r}: TensorRT-LLM worker runs None or 'fp8'")

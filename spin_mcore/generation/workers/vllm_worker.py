@@ -85,10 +85,9 @@ def main(argv: list[str]) -> int:
     from spin_mcore.generation.workers import protocol
     from spin_mcore.utils.io import atomic_write_json
 
-    if len(argv) != 1:
-        print("usage: python -m spin_mcore.generation.workers.vllm_worker JOB.json", file=sys.stderr)
+    job = protocol.job_from_argv(argv, "vllm_worker")
+    if job is None:
         return 2
-    job = protocol.Job.load(argv[0])
     start = time.perf_counter()
     import vllm
 
