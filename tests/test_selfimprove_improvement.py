@@ -1,26 +1,48 @@
-"""The issue's "one assertion of improvement" at test size -- NOT MET; this file keeps the measured
-setting so that it can be re-run (opt-in: SPIN_IMPROVEMENT_EXPERIMENT=1, ~7 min on a loaded 2-core
-machine) instead of a CI test that would assert noise.
+"""The issue's "one assertion of improvement" at test size: ReST^EM raises held-out greedy exact match
+over theta_0 by more than 3 binomial standard errors (measured on seeds 0, 1 and 2; asserted on seed 0).
 
 Setting (built here, CPU, tiny model): small-operand arithmetic in the demo's human format
-("7 + 5 = 12. The answer is 12."), operands 0..12, a few phrasings, 900 distinct records of which 200
-are held out (never sampled or trained on). theta_0: a 2-layer, 48-wide GPT, SFT from random init on
-the human answers of 300 training records (Adam 3e-3, 20 epochs, 187 steps). Then a verified loop on
-700 training prompts, K = 4 samples each, graded by the ``arith`` verifier. Noise: the binomial
-standard error of theta_0's held-out greedy exact match, se = sqrt(p0 (1 - p0) / 200) ~ 0.026.
+("7 + 5 = 12. The answer is 12."), operands 0..12, four addition and three subtraction phrasings,
+900 distinct records split by ``data.seed`` into 200 held-out and 700 training records. Prompts are
+left-truncated to 28 tokens (``data.max_prompt_length``, the earlier experiment's setting): that drops the
+constant "### Instruction: " head and at most the words "Find the", never an operand or the operation
+(checked below on every loop prompt). Without truncation (48 tokens) theta_0 is weaker (0.100) and the same
+loop gains only +2.8 se on seed 0 (0.100 -> 0.130 -> 0.170 -> 0.160; pass@16 0.28 -> 0.50).
+* theta_0: a 2-layer, 48-wide GPT, SFT from random init on the human answers of the first 300 training
+  records (Adam 3e-3, 20 epochs, 187 steps). A partial solver: 0.105-0.14 held-out exact match.
+* The loop: ReST^EM on the other 400 training prompts, whose human answers nothing ever trains on; the
+  held-out prompts are never sampled or trained on (both checked below). K = 16 samples per prompt at
+  temperature 1, keep the verified ones (at most 1 per prompt), M-step continuing from theta_t
+  (``selfimprove.restart_from_base=false``) for 10 epochs at Adam 1e-3 with no warmup (the warmup's first
+  step runs at LR 0), 3 iterations.
+* The verifier: :class:`EquationVerifier` below, a ``verify.kind=MODULE:ATTR`` plug-in. The whole response
+  must be "x op y = c. The answer is w." with x op y = c = w = the reference. It checks the rationale's
+  arithmetic by computing it, not by comparing with the human text. Held-out exact match is judged by the
+  same verifier (the loops' ``evaluate_policy``), so theta_0's numbers are lower than ``arith``'s.
+* Noise: the binomial standard error of theta_0's held-out exact match, se = sqrt(p0 (1 - p0) / 200).
 
-Measured, greedy held-out exact match theta_0 -> iter 1 -> iter 2 (-> iter 3):
-* Iterative RPO (RECIPE_RPO below: DPO beta 0.1 + 1.0 x NLL, Adam 3e-4, 2 epochs ~43 steps):
-  seed 0: 0.165 -> 0.170 -> 0.200 -> 0.170; seed 1: 0.150 -> 0.140 -> 0.195 -> 0.145;
-  seed 2: 0.175 -> 0.165 -> 0.235 -> 0.200. Held-out NLL falls every time (seed 0: 0.183 -> 0.166,
-  seed 1: 0.218 -> 0.179, seed 2: 0.167 -> 0.139; 2/3 of the chosen answers are the reference).
-* ReST^EM from theta_0 each iteration, Adam 1e-3, 4 epochs (~30-44 steps): seed 0: 0.165 -> 0.205
-  -> 0.245 (+3.1 se); seed 1: 0.150 -> 0.130 -> 0.145 -> 0.180; seed 2: 0.175 -> 0.190 -> 0.175 ->
-  0.210. pass@4 on the training prompts rises (seed 1: 0.42 -> 0.48 -> 0.51), held-out NLL rises.
-* ReST^EM variants, seed 0: LR 3e-4 4 epochs 0.210 / 0.185; continuing from theta_t at 3e-4 2 epochs
-  0.205 / 0.215; continuing at 1e-3 2 epochs 0.185 / 0.195 / 0.195; 400 prompts, 8 steps: 0.180.
-So both loops move held-out exact match by about +-2 se, in a direction that changes with seed and
-iteration; the one +3 se result (ReST^EM, seed 0) did not repeat on seeds 1 and 2.
+Measured with this file (2 cores), held-out greedy exact match theta_0 -> iter 1 -> iter 2 -> iter 3,
+final gain in se of theta_0; pass@16 on the loop prompts and kept samples per iteration:
+* seed 0: 0.120 -> 0.215 -> 0.255 -> 0.340 (se 0.023, +9.6 se); pass@16 0.38 / 0.55 / 0.65, kept 150 / 218 / 260.
+* seed 1: 0.105 -> 0.170 -> 0.270 -> 0.305 (se 0.022, +9.2 se); pass@16 0.34 / 0.52 / 0.64.
+* seed 2: 0.140 -> 0.170 -> 0.235 -> 0.315 (se 0.025, +7.1 se); pass@16 0.43 / 0.59 / 0.71.
+Held-out NLL of the human answers stays about level (seed 0: 0.183 -> 0.196). Runtime 110-136 s per seed
+(SFT ~22 s, sampling 3 x 6400 samples ~40 s, M-steps ~20 s, evaluations ~7 s).
+Control, same loop keeping every sample (``selfimprove.keep_threshold=0``, a /tmp scratch copy of this
+setting, seed 0): 0.120 -> 0.075 -> 0.090 -> 0.055 (-2.8 se), pass@16 falling 0.38 -> 0.24. The gain is
+the verifier's.
+
+What did NOT work, for the record (same data unless said; gains in se of theta_0):
+* The demo's ``arith`` verifier (the integer after "The answer is" only). It accepts rationales such as
+  "8 + 12 = 12. The answer is 20." or "12 + 1W 8. The answer is 21."; only 298 of its 610 correct
+  samples in iteration 1 (seed 0) were well-formed, and training on the rest teaches garbage. With the
+  recipe above (exact match judged by ``arith``): 0.165 -> 0.170 -> 0.215 -> 0.220 (+2.1 se, seed 0). Earlier recipes with it (K = 4, 700
+  loop prompts including the labelled 300, ``RPO`` at 3e-4 or ReST^EM from theta_0 at 1e-3) moved exact
+  match by about +-2 se in a direction that changed with the seed (+3.1 se once, seed 0, not repeated).
+* M-step from theta_0 each iteration (the paper's default) on the 400 unlabelled prompts, with ``arith``
+  (exact match judged by ``arith``, K = 16): 4 epochs at 1e-3: 0.165 -> 0.175 -> 0.175; 20 epochs at 3e-3:
+  0.165 -> 0.190 -> 0.180 with held-out NLL 0.18 -> 0.33, while pass@1 on the loop prompts rose 0.10 -> 0.47
+  (it fits the kept prompts; the 300 labelled ones are no longer in its training data, so probably forgotten).
 """
 
 from __future__ import annotations
@@ -29,6 +51,8 @@ import json
 import math
 import os
 import random
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +63,28 @@ SEED = 0
 N_RECORDS, N_HELDOUT, N_SFT = 900, 200, 300
 _ADD = ("What is {a} plus {b}?", "Add {a} and {b}.", "{a} + {b} = ?", "Find the total of {a} and {b}.")
 _SUB = ("What is {a} minus {b}?", "Subtract {b} from {a}.", "{a} - {b} = ?")
+_EQUATION = re.compile(r"^\s*(\d+) ([+-]) (\d+) = (-?\d+)\. The answer is (-?\d+)\.\s*$")
+
+
+class EquationVerifier:
+    """``verify.kind=tests.test_selfimprove_improvement:EquationVerifier``: correct when the whole response is
+    "x op y = c. The answer is w." with x op y == c == w == the integer reference (no answer when not of
+    that form). Built with the ``verify`` config section, which it does not need."""
+
+    name = "equation"
+
+    def __init__(self, verify_cfg=None):
+        del verify_cfg
+
+    def check(self, response: str, reference):
+        from spin_mcore.selfimprove.verifiers import NO_ANSWER, Verdict
+
+        m = _EQUATION.match(response)
+        if m is None:
+            return NO_ANSWER
+        x, op, y, c, w = int(m[1]), m[2], int(m[3]), int(m[4]), int(m[5])
+        ok = (x + y if op == "+" else x - y) == c == w == int(reference)
+        return Verdict(ok, "correct" if ok else "wrong", str(w))
 
 
 def small_arith_records(n: int, seed: int, max_operand: int = 12) -> list[dict]:
@@ -59,27 +105,29 @@ def small_arith_records(n: int, seed: int, max_operand: int = 12) -> list[dict]:
     return out
 
 
+# ReST^EM on the unlabelled prompts: K = 16, keep verified (1 per prompt), M-step from theta_t, 10 epochs
+# at Adam 1e-3 without warmup, 3 iterations.
+RECIPE_RESTEM = ["selfimprove.num_samples=16", "selfimprove.keep_threshold=1.0", "selfimprove.max_per_prompt=1",
+                 "selfimprove.restart_from_base=false", "train.lr=[1e-3]", "train.epochs=10",
+                 "train.warmup_fraction=0", "run.iterations=3"]
+# theta_0's SFT (from random init) on the first N_SFT training records' human answers.
+RECIPE_SFT = {"lr": 3e-3, "epochs": 20, "warmup_fraction": 0.1}
+
+
 def _overrides(root: Path, seed: int) -> list[str]:
     return [*tiny_model_overrides(), "model.hidden_size=48", "model.ffn_hidden_size=128", "precision.recipe=fp32",
             "platform.device=cpu", f"data.path={root / 'arith.jsonl'}",
             f"data.tokenizer={root / 'tokenizer' / 'tokenizer.model'}", "data.max_prompt_length=28",
             "data.max_response_length=26", f"data.heldout_fraction={N_HELDOUT / N_RECORDS}", f"data.seed={seed}",
-            "generation.max_new_tokens=26", "generation.batch_size=128", "generation.shard_size=512",
-            "generation.temperature=1.0", f"generation.seed={seed}", "train.optimizer=adam", "train.warmup_fraction=0.1",
+            "generation.max_new_tokens=26", "generation.batch_size=256", "generation.shard_size=100000",
+            "generation.temperature=1.0", f"generation.seed={seed}", "train.optimizer=adam",
             "train.global_batch_size=32", "train.micro_batch_size=32", "train.save_interval=100000",
-            f"train.seed={seed}", f"run.eval_prompts={N_HELDOUT}", f"run.dir={root / 'rpo'}", "verify.kind=arith",
-            "selfimprove.max_per_prompt=1", "selfimprove.min_distinct_2=0.0", *RECIPE_RPO]
+            f"train.seed={seed}", f"run.eval_prompts={N_HELDOUT}", f"run.dir={root / 'restem'}",
+            "verify.kind=tests.test_selfimprove_improvement:EquationVerifier", "selfimprove.min_distinct_2=0.0",
+            *RECIPE_RESTEM]
 
 
-# theta_0's SFT (from random init) and the verified loop under test.
-RECIPE_SFT = {"lr": 3e-3, "epochs": 20}
-# Iterative RPO from theta_0: 3 iterations, one (chosen, rejected) pair per training prompt, DPO
-# (beta 0.1) + 1.0 x NLL of the chosen, Adam at LR 3e-4 for 2 epochs of the pairs (~43 steps).
-RECIPE_RPO = ["data.num_prompts=700", "selfimprove.num_samples=4", "spin.loss=logistic", "spin.beta=[0.1]",
-              "spin.sft_weight=1.0", "train.lr=[3e-4]", "train.epochs=2", "run.iterations=3"]
-
-
-def _rank(root: str, seed: int) -> list[dict]:
+def _rank(root: str, seed: int) -> dict:
     import copy
     import warnings
 
@@ -87,7 +135,8 @@ def _rank(root: str, seed: int) -> list[dict]:
     from spin_mcore.config import load_config
     from spin_mcore.loop import prepare
     from spin_mcore.platform import init_distributed
-    from spin_mcore.selfimprove.rpo import run_rpo
+    from spin_mcore.selfimprove.common import prepare_verified
+    from spin_mcore.selfimprove.restem import run_restem
     from spin_mcore.training.trainer import train
 
     root = Path(root)
@@ -95,16 +144,21 @@ def _rank(root: str, seed: int) -> list[dict]:
     pstate = init_distributed(cfg.parallel, seed=seed, platform=cfg.platform)
     sft = copy.deepcopy(cfg)
     sft.train.objective, sft.train.lr, sft.train.epochs = "sft", [RECIPE_SFT["lr"]], RECIPE_SFT["epochs"]
-    sft.data.num_prompts = None
-    data = prepare(sft, pstate)
-    labelled = [{"prompt_id": p.id, "prompt_ids": p.prompt_ids, "real_ids": p.response_ids} for p in data.train[:N_SFT]]
-    summary = train(sft, pstate, labelled, None, root / "sft")
+    sft.train.warmup_fraction = RECIPE_SFT["warmup_fraction"]
+    labelled = prepare(sft, pstate).train[:N_SFT]
+    summary = train(sft, pstate, [{"prompt_id": p.id, "prompt_ids": p.prompt_ids, "real_ids": p.response_ids}
+                                  for p in labelled], None, root / "sft")
     cfg.run.init_checkpoint = str(summary.get("model", root / "sft" / "model"))
-    return run_rpo(cfg, pstate)
+    data = prepare_verified(cfg, pstate)  # the same split (data.seed, heldout_fraction) as theta_0's SFT
+    labelled_ids = {str(p.id) for p in labelled}
+    data.train = [p for p in data.train if str(p.id) not in labelled_ids]  # unlabelled prompts only
+    rows = run_restem(cfg, pstate, data=data)
+    return {"rows": rows, "labelled": sorted(labelled_ids), "loop": [str(p.id) for p in data.train],
+            "heldout": [str(p.id) for p in data.heldout]}
 
 
-def run_improvement(root: Path, seed: int) -> list[dict]:
-    """Data, tokenizer, theta_0 and the ReST^EM rows (theta_0 first) under ``root``."""
+def run_improvement(root: Path, seed: int) -> dict:
+    """Data, tokenizer, theta_0 and the ReST^EM rows (theta_0 first) under ``root``; the prompt id sets."""
     from spin_mcore.data.templates import format_prompt
     from spin_mcore.data.tokenizer import train_sentencepiece
     from spin_mcore.launcher import run_local
@@ -116,17 +170,49 @@ def run_improvement(root: Path, seed: int) -> list[dict]:
     return run_local(_rank, 1, str(root), seed)[0]
 
 
-@pytest.mark.skipif(os.environ.get("SPIN_IMPROVEMENT_EXPERIMENT") != "1",
-                    reason="opt-in experiment (SPIN_IMPROVEMENT_EXPERIMENT=1): the improvement does not hold "
-                           "beyond noise across seeds, see the module docstring")
-def test_rpo_beats_theta0_by_more_than_the_noise(tmp_path):
-    rows = run_improvement(tmp_path, SEED)
-    p0, p1, n = rows[0]["exact_match"], rows[-1]["exact_match"], N_HELDOUT
+def test_equation_verifier_checks_the_arithmetic():
+    v = EquationVerifier()
+    assert v.check("8 + 4 = 12. The answer is 12.", 12).correct
+    assert v.check("4 + 8 = 12. The answer is 12.", 12).correct  # another valid rationale
+    assert not v.check("8 + 12 = 12. The answer is 20.", 20).correct  # arith would accept this
+    assert not v.check("9 + 4 = 12. The answer is 12.", 12).correct  # false equation
+    assert v.check("12 + 1W 8. The answer is 21.", 21).status == "no_answer"
+    assert v.check("8 - 1 = 7. The answer is 7. 7", 7).status == "no_answer"
+
+
+def test_restem_beats_theta0_by_more_than_the_noise(tmp_path):
+    start = time.time()
+    out = run_improvement(tmp_path, SEED)
+    rows = out["rows"]
+    p0, p1, n = rows[0]["exact_match"], rows[-1]["exact_match"], len(out["heldout"])
     se = math.sqrt(p0 * (1 - p0) / n)
     summary = (f"held-out greedy exact match over {n} prompts: theta_0 {p0:.3f} -> "
                + " -> ".join(f"{r['exact_match']:.3f}" for r in rows[1:])
-               + f"; gain {p1 - p0:+.3f}, binomial se of theta_0 {se:.3f}, gain/se {(p1 - p0) / max(se, 1e-9):.1f}")
+               + f"; gain {p1 - p0:+.3f}, binomial se of theta_0 {se:.3f}, gain/se {(p1 - p0) / max(se, 1e-9):.1f}"
+               + f"; {time.time() - start:.0f} s")
     print(summary)
-    assert all(r["train_steps"] for r in rows[1:]), f"an iteration did not train: {rows[1:]}"
+    assert n == N_HELDOUT and len(out["loop"]) == N_RECORDS - N_HELDOUT - N_SFT
+    loop, heldout, labelled = set(out["loop"]), set(out["heldout"]), set(out["labelled"])
+    texts = {r["id"]: r["prompt"] for r in map(json.loads, (tmp_path / "arith.jsonl").open())}
+    assert not loop & heldout and not loop & labelled and not labelled & heldout
+    # Nothing fakes the gain: every record the M-steps trained on is a verified sample of an unlabelled prompt.
+    for t in range(len(rows) - 1):
+        assert rows[t + 1]["train_steps"], f"iteration {t} did not train: {rows[t + 1]}"
+        verified = [json.loads(x) for x in (tmp_path / "restem" / f"iter_{t}" / "train_verified.jsonl").open()]
+        trained = [json.loads(x) for x in (tmp_path / "restem" / f"iter_{t}" / "train_data.jsonl").open()]
+        correct = {(str(r["prompt_id"]), tuple(r["generated_ids"])) for r in verified if r["correct"]}
+        assert {str(r["prompt_id"]) for r in verified} == loop
+        assert all(re.findall(r"\d+", r["prompt"]) == re.findall(r"\d+", texts[str(r["prompt_id"])]) for r in verified)
+        assert len(trained) == rows[t + 1]["kept"] > 0
+        assert all((str(r["prompt_id"]), tuple(r["real_ids"])) in correct for r in trained)
     assert 0.05 < p0 < 0.5, f"theta_0 is not a partial solver ({summary}); the setting is off"
     assert p1 - p0 > 3 * se, summary
+
+
+@pytest.mark.skipif(os.environ.get("SPIN_IMPROVEMENT_ALL_SEEDS") != "1",
+                    reason="the docstring's other seeds, ~2 min each: SPIN_IMPROVEMENT_ALL_SEEDS=1")
+@pytest.mark.parametrize("seed", [1, 2])
+def test_restem_beats_theta0_other_seeds(tmp_path, seed):
+    rows = run_improvement(tmp_path, seed)["rows"]
+    p0, p1 = rows[0]["exact_match"], rows[-1]["exact_match"]
+    assert p1 - p0 > 3 * math.sqrt(p0 * (1 - p0) / N_HELDOUT), [r["exact_match"] for r in rows]
