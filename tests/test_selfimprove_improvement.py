@@ -22,12 +22,16 @@ loop gains only +2.8 se on seed 0 (0.100 -> 0.130 -> 0.170 -> 0.160; pass@16 0.2
 * Noise: the binomial standard error of theta_0's held-out exact match, se = sqrt(p0 (1 - p0) / 200).
 
 Measured with this file (2 cores), held-out greedy exact match theta_0 -> iter 1 -> iter 2 -> iter 3,
-final gain in se of theta_0; pass@16 on the loop prompts and kept samples per iteration:
-* seed 0: 0.120 -> 0.215 -> 0.255 -> 0.340 (se 0.023, +9.6 se); pass@16 0.38 / 0.55 / 0.65, kept 150 / 218 / 260.
-* seed 1: 0.105 -> 0.170 -> 0.270 -> 0.305 (se 0.022, +9.2 se); pass@16 0.34 / 0.52 / 0.64.
-* seed 2: 0.140 -> 0.170 -> 0.235 -> 0.315 (se 0.025, +7.1 se); pass@16 0.43 / 0.59 / 0.71.
-Held-out NLL of the human answers stays about level (seed 0: 0.183 -> 0.196). Runtime 110-136 s per seed
-(SFT ~22 s, sampling 3 x 6400 samples ~40 s, M-steps ~20 s, evaluations ~7 s).
+final gain in se of theta_0, the paired McNemar statistic theta_0 vs theta_3 over the same 200 prompts
+(b: wrong -> right, c: right -> wrong, z = (b - c) / sqrt(b + c), also asserted > 3), pass@16 on the loop
+prompts per iteration:
+* seed 0: 0.120 -> 0.215 -> 0.255 -> 0.340 (se 0.023, +9.6 se; b 47, c 3, z 6.2); pass@16 0.38 / 0.55 / 0.65,
+  kept 150 / 218 / 260.
+* seed 1: 0.105 -> 0.170 -> 0.270 -> 0.305 (se 0.022, +9.2 se; b 48, c 8, z 5.3); pass@16 0.34 / 0.52 / 0.64.
+* seed 2: 0.140 -> 0.170 -> 0.235 -> 0.315 (se 0.025, +7.1 se; b 45, c 10, z 4.7); pass@16 0.43 / 0.59 / 0.71.
+Held-out NLL of the human answers stays about level (seed 0: 0.183 -> 0.196). Runtime 110-143 s per seed on
+2 shared cores (SFT ~22 s, sampling 3 x 6400 samples ~40 s, M-steps ~20 s, evaluations ~10 s). Seeds 1 and 2
+run with SPIN_IMPROVEMENT_ALL_SEEDS=1.
 Control, same loop keeping every sample (``selfimprove.keep_threshold=0``, a /tmp scratch copy of this
 setting, seed 0): 0.120 -> 0.075 -> 0.090 -> 0.055 (-2.8 se), pass@16 falling 0.38 -> 0.24. The gain is
 the verifier's.
@@ -36,9 +40,10 @@ What did NOT work, for the record (same data unless said; gains in se of theta_0
 * The demo's ``arith`` verifier (the integer after "The answer is" only). It accepts rationales such as
   "8 + 12 = 12. The answer is 20." or "12 + 1W 8. The answer is 21."; only 298 of its 610 correct
   samples in iteration 1 (seed 0) were well-formed, and training on the rest teaches garbage. With the
-  recipe above (exact match judged by ``arith``): 0.165 -> 0.170 -> 0.215 -> 0.220 (+2.1 se, seed 0). Earlier recipes with it (K = 4, 700
-  loop prompts including the labelled 300, ``RPO`` at 3e-4 or ReST^EM from theta_0 at 1e-3) moved exact
-  match by about +-2 se in a direction that changed with the seed (+3.1 se once, seed 0, not repeated).
+  recipe above (exact match judged by ``arith``): 0.165 -> 0.170 -> 0.215 -> 0.220 (+2.1 se, seed 0).
+  Earlier recipes with it (K = 4, 700 loop prompts including the labelled 300, Iterative RPO at 3e-4 or
+  ReST^EM from theta_0 at 1e-3) moved exact match by about +-2 se in a direction that changed with the
+  seed (+3.1 se once, seed 0, not repeated).
 * M-step from theta_0 each iteration (the paper's default) on the 400 unlabelled prompts, with ``arith``
   (exact match judged by ``arith``, K = 16): 4 epochs at 1e-3: 0.165 -> 0.175 -> 0.175; 20 epochs at 3e-3:
   0.165 -> 0.190 -> 0.180 with held-out NLL 0.18 -> 0.33, while pass@1 on the loop prompts rose 0.10 -> 0.47
@@ -127,6 +132,19 @@ def _overrides(root: Path, seed: int) -> list[str]:
             *RECIPE_RESTEM]
 
 
+def _greedy_correct(cfg, pstate, data, theta: str) -> list[bool]:
+    """Per held-out prompt: is ``theta``'s greedy decode correct (the decode of the loops' evaluate_policy)."""
+    from spin_mcore.eval.builtin import decode_responses
+    from spin_mcore.generation.sampling import sampling_vocab_size
+    from spin_mcore.loop import load_policy
+    from spin_mcore.selfimprove.verifiers import run_verifier
+
+    model = load_policy(cfg, pstate, theta)
+    texts = decode_responses(model, pstate, data.heldout, data.tokenizer, cfg.generation.max_new_tokens,
+                             sampling_vocab_size(cfg.model.vocab_size, data.tokenizer), cfg.generation.batch_size)
+    return [run_verifier(data.verifier, x, data.references[str(p.id)]).correct for x, p in zip(texts, data.heldout)]
+
+
 def _rank(root: str, seed: int) -> dict:
     import copy
     import warnings
@@ -135,9 +153,11 @@ def _rank(root: str, seed: int) -> dict:
     from spin_mcore.config import load_config
     from spin_mcore.loop import prepare
     from spin_mcore.platform import init_distributed
+    from spin_mcore.run_dir import RunDir
     from spin_mcore.selfimprove.common import prepare_verified
     from spin_mcore.selfimprove.restem import run_restem
     from spin_mcore.training.trainer import train
+    from spin_mcore.utils.io import read_json
 
     root = Path(root)
     cfg = load_config(overrides=_overrides(root, seed))
@@ -153,8 +173,18 @@ def _rank(root: str, seed: int) -> dict:
     labelled_ids = {str(p.id) for p in labelled}
     data.train = [p for p in data.train if str(p.id) not in labelled_ids]  # unlabelled prompts only
     rows = run_restem(cfg, pstate, data=data)
-    return {"rows": rows, "labelled": sorted(labelled_ids), "loop": [str(p.id) for p in data.train],
+    theta_last = read_json(RunDir(cfg.run.dir).eval_file(cfg.run.iterations - 1))["theta_next"]
+    paired = [_greedy_correct(cfg, pstate, data, theta) for theta in (cfg.run.init_checkpoint, theta_last)]
+    return {"rows": rows, "paired": paired, "labelled": sorted(labelled_ids), "loop": [str(p.id) for p in data.train],
             "heldout": [str(p.id) for p in data.heldout]}
+
+
+def mcnemar(before: list[bool], after: list[bool]) -> tuple[int, int, float]:
+    """Paired test over the same prompts: b = wrong before and right after, c = the reverse,
+    z = (b - c) / sqrt(b + c) (approximately standard normal when nothing changed)."""
+    b = sum((not x) and y for x, y in zip(before, after))
+    c = sum(x and not y for x, y in zip(before, after))
+    return b, c, (b - c) / math.sqrt(b + c) if b + c else 0.0
 
 
 def run_improvement(root: Path, seed: int) -> dict:
@@ -186,11 +216,14 @@ def test_restem_beats_theta0_by_more_than_the_noise(tmp_path):
     rows = out["rows"]
     p0, p1, n = rows[0]["exact_match"], rows[-1]["exact_match"], len(out["heldout"])
     se = math.sqrt(p0 * (1 - p0) / n)
+    b, c, z = mcnemar(*out["paired"])
     summary = (f"held-out greedy exact match over {n} prompts: theta_0 {p0:.3f} -> "
                + " -> ".join(f"{r['exact_match']:.3f}" for r in rows[1:])
                + f"; gain {p1 - p0:+.3f}, binomial se of theta_0 {se:.3f}, gain/se {(p1 - p0) / max(se, 1e-9):.1f}"
-               + f"; {time.time() - start:.0f} s")
+               + f"; McNemar b={b} c={c} z={z:.1f}; {time.time() - start:.0f} s")
     print(summary)
+    # The paired decodes are the rows' own (same checkpoints, same greedy decode, same verifier).
+    assert [sum(x) / n for x in out["paired"]] == [p0, p1], summary
     assert n == N_HELDOUT and len(out["loop"]) == N_RECORDS - N_HELDOUT - N_SFT
     loop, heldout, labelled = set(out["loop"]), set(out["heldout"]), set(out["labelled"])
     texts = {r["id"]: r["prompt"] for r in map(json.loads, (tmp_path / "arith.jsonl").open())}
@@ -207,12 +240,16 @@ def test_restem_beats_theta0_by_more_than_the_noise(tmp_path):
         assert all((str(r["prompt_id"]), tuple(r["real_ids"])) in correct for r in trained)
     assert 0.05 < p0 < 0.5, f"theta_0 is not a partial solver ({summary}); the setting is off"
     assert p1 - p0 > 3 * se, summary
+    assert z > 3, summary
 
 
 @pytest.mark.skipif(os.environ.get("SPIN_IMPROVEMENT_ALL_SEEDS") != "1",
                     reason="the docstring's other seeds, ~2 min each: SPIN_IMPROVEMENT_ALL_SEEDS=1")
 @pytest.mark.parametrize("seed", [1, 2])
 def test_restem_beats_theta0_other_seeds(tmp_path, seed):
-    rows = run_improvement(tmp_path, seed)["rows"]
+    out = run_improvement(tmp_path, seed)
+    rows, (b, c, z) = out["rows"], mcnemar(*out["paired"])
     p0, p1 = rows[0]["exact_match"], rows[-1]["exact_match"]
-    assert p1 - p0 > 3 * math.sqrt(p0 * (1 - p0) / N_HELDOUT), [r["exact_match"] for r in rows]
+    summary = f"seed {seed}: {[r['exact_match'] for r in rows]}, McNemar b={b} c={c} z={z:.1f}"
+    print(summary)
+    assert p1 - p0 > 3 * math.sqrt(p0 * (1 - p0) / N_HELDOUT) and z > 3, summary
