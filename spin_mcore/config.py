@@ -249,7 +249,9 @@ class RunConfig:
 class VerifyConfig:
     """The verifier of verifier-based loops (restem, rpo, star): spin_mcore/selfimprove/verifiers.py."""
 
-    kind: Optional[str] = _f(None, "exact, numeric, regex, python_tests, arith (the demo's checker), or MODULE:ATTR "
+    kind: Optional[str] = _f(None, "exact, numeric, regex, python_tests, arith (the demo's checker: the final "
+                             "answer only), arith_equation (the demo's whole 'x op y = c. The answer is c.' checked), "
+                             "or MODULE:ATTR "
                              "(a plug-in: a Verifier class or a factory taking this section).")
     answer_field: str = _f("answer", "Field of each data record holding the reference (answer, or test code for "
                            "python_tests); records without it cannot be verified and are refused.")

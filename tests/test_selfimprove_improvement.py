@@ -15,7 +15,7 @@ loop gains only +2.8 se on seed 0 (0.100 -> 0.130 -> 0.170 -> 0.160; pass@16 0.2
   temperature 1, keep the verified ones (at most 1 per prompt), M-step continuing from theta_t
   (``selfimprove.restart_from_base=false``) for 10 epochs at Adam 1e-3 with no warmup (the warmup's first
   step runs at LR 0), 3 iterations.
-* The verifier: :class:`EquationVerifier` below, a ``verify.kind=MODULE:ATTR`` plug-in. The whole response
+* The verifier: ``verify.kind=arith_equation`` (spin_mcore/selfimprove/verifiers.py). The whole response
   must be "x op y = c. The answer is w." with x op y = c = w = the reference. It checks the rationale's
   arithmetic by computing it, not by comparing with the human text. Held-out exact match is judged by the
   same verifier (the loops' ``evaluate_policy``), so theta_0's numbers are lower than ``arith``'s.
@@ -72,28 +72,6 @@ SEED = 0
 N_RECORDS, N_HELDOUT, N_SFT = 900, 200, 300
 _ADD = ("What is {a} plus {b}?", "Add {a} and {b}.", "{a} + {b} = ?", "Find the total of {a} and {b}.")
 _SUB = ("What is {a} minus {b}?", "Subtract {b} from {a}.", "{a} - {b} = ?")
-_EQUATION = re.compile(r"^\s*(\d+) ([+-]) (\d+) = (-?\d+)\. The answer is (-?\d+)\.\s*$")
-
-
-class EquationVerifier:
-    """``verify.kind=tests.test_selfimprove_improvement:EquationVerifier``: correct when the whole response is
-    "x op y = c. The answer is w." with x op y == c == w == the integer reference (no answer when not of
-    that form). Built with the ``verify`` config section, which it does not need."""
-
-    name = "equation"
-
-    def __init__(self, verify_cfg=None):
-        del verify_cfg
-
-    def check(self, response: str, reference):
-        from spin_mcore.selfimprove.verifiers import NO_ANSWER, Verdict
-
-        m = _EQUATION.match(response)
-        if m is None:
-            return NO_ANSWER
-        x, op, y, c, w = int(m[1]), m[2], int(m[3]), int(m[4]), int(m[5])
-        ok = (x + y if op == "+" else x - y) == c == w == int(reference)
-        return Verdict(ok, "correct" if ok else "wrong", str(w))
 
 
 def small_arith_records(n: int, seed: int, max_operand: int = 12) -> list[dict]:
@@ -132,7 +110,7 @@ def _overrides(root: Path, seed: int) -> list[str]:
             "generation.temperature=1.0", f"generation.seed={seed}", "train.optimizer=adam",
             "train.global_batch_size=32", "train.micro_batch_size=32", "train.save_interval=100000",
             f"train.seed={seed}", f"run.eval_prompts={N_HELDOUT}", f"run.dir={root / 'restem'}",
-            "verify.kind=tests.test_selfimprove_improvement:EquationVerifier", "selfimprove.min_distinct_2=0.0",
+            "verify.kind=arith_equation", "selfimprove.min_distinct_2=0.0",
             *RECIPE_RESTEM]
 
 
@@ -202,16 +180,6 @@ def run_improvement(root: Path, seed: int) -> dict:
     train_sentencepiece([format_prompt(r["prompt"], "instruction") + r["response"] for r in records],
                         root / "tokenizer", vocab_size=320, seed=0)
     return run_local(_rank, 1, str(root), seed)[0]
-
-
-def test_equation_verifier_checks_the_arithmetic():
-    v = EquationVerifier()
-    assert v.check("8 + 4 = 12. The answer is 12.", 12).correct
-    assert v.check("4 + 8 = 12. The answer is 12.", 12).correct  # another valid rationale
-    assert not v.check("8 + 12 = 12. The answer is 20.", 20).correct  # arith would accept this
-    assert not v.check("9 + 4 = 12. The answer is 12.", 12).correct  # false equation
-    assert v.check("12 + 1W 8. The answer is 21.", 21).status == "no_answer"
-    assert v.check("8 - 1 = 7. The answer is 7. 7", 7).status == "no_answer"
 
 
 def test_restem_beats_theta0_by_more_than_the_noise(tmp_path):

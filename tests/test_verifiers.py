@@ -58,6 +58,20 @@ def test_arith_is_the_demo_checker():
     assert run_verifier(v, "12 + 30 = 42.", 42).status == "no_answer"
 
 
+def test_arith_equation_checks_the_whole_equation():
+    v = _build(kind="arith_equation")
+    assert run_verifier(v, "8 + 4 = 12. The answer is 12.", 12).correct
+    assert run_verifier(v, "4 + 8 = 12. The answer is 12.", 12).correct  # another valid rationale
+    assert run_verifier(v, "3 - 5 = -2. The answer is -2.", -2).correct
+    wrong = run_verifier(v, "8 + 12 = 12. The answer is 20.", 20)  # arith accepts this one
+    assert (wrong.correct, wrong.status, wrong.answer) == (False, "wrong", "20")
+    assert run_verifier(_build(kind="arith"), "8 + 12 = 12. The answer is 20.", 20).correct
+    assert run_verifier(v, "9 + 4 = 12. The answer is 12.", 12).status == "wrong"  # false equation
+    assert run_verifier(v, "8 + 4 = 12. The answer is 13.", 13).status == "wrong"  # answer is not c
+    assert run_verifier(v, "12 + 1W 8. The answer is 21.", 21).status == "no_answer"
+    assert run_verifier(v, "8 - 1 = 7. The answer is 7. 7", 7).status == "no_answer"  # trailing text
+
+
 def test_python_tests_pass_fail_and_fence():
     v = PythonTests(timeout_s=10, memory_mb=256)
     tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"

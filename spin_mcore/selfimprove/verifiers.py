@@ -12,6 +12,10 @@ Plug-ins (``verify.kind``):
     python_tests  the response (or its first ```python fenced block) followed by the reference
                   (test code with asserts) runs in a subprocess and exits 0
     arith         the demo's checker: the integer after "The answer is" (spin_mcore/demo/task.py)
+    arith_equation  the demo's format checked whole: the response is "x op y = c. The answer is w."
+                  with x op y == c == w == the reference; ``arith`` also accepts a wrong equation
+                  before a right answer ("8 + 12 = 12. The answer is 20."), and a verified loop
+                  trained on such samples learns broken rationales
     MODULE:ATTR   a user plug-in: ATTR is a Verifier subclass or a factory taking the ``verify``
                   section; it is imported when the config is built, so a bad path fails there.
 
@@ -46,7 +50,7 @@ from typing import Optional
 from spin_mcore.config import ConfigError
 
 STATUSES = ("correct", "wrong", "no_answer", "error", "timeout")
-KINDS = ("exact", "numeric", "regex", "python_tests", "arith")
+KINDS = ("exact", "numeric", "regex", "python_tests", "arith", "arith_equation")
 
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
@@ -137,6 +141,21 @@ class ArithAnswer(Verifier):
 
         x = extract_answer(response)
         return NO_ANSWER if x is None else _ok(x, x == int(reference))
+
+
+class ArithEquation(Verifier):
+    """The demo task's format, checked whole: "x op y = c. The answer is w." (op + or -) with
+    x op y == c == w == the integer reference; any other text is no answer."""
+
+    name = "arith_equation"
+    _FORM = re.compile(r"^\s*(\d+) ([+-]) (\d+) = (-?\d+)\. The answer is (-?\d+)\.\s*$")
+
+    def check(self, response, reference):
+        m = self._FORM.match(response)
+        if m is None:
+            return NO_ANSWER
+        x, op, y, c, w = int(m[1]), m[2], int(m[3]), int(m[4]), int(m[5])
+        return _ok(w, (x + y if op == "+" else x - y) == c == w == int(reference))
 
 
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
@@ -263,6 +282,8 @@ def build_verifier(v) -> Verifier:
         return PythonTests(v.timeout_s, v.memory_mb)
     if v.kind == "arith":
         return ArithAnswer()
+    if v.kind == "arith_equation":
+        return ArithEquation()
     if ":" not in v.kind:
         raise ConfigError(f"verify.kind={v.kind!r}: must be one of {', '.join(KINDS)}, or MODULE:ATTR for a plug-in")
     module, _, attr = v.kind.partition(":")
