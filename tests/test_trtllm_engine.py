@@ -238,10 +238,6 @@ def test_worker_without_tensorrt_llm_fails_with_one_line(tmp_path):
 # ----------------------------------------------------------------------------- GPU: end to end against transformers
 
 
-def _hf_greedy_until(model, prompts, stop: int) -> list[list[int]]:
-    return hf_greedy_until(model, prompts, stop, MAX_NEW)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_trtllm_worker_matches_transformers_with_eos(tmp_path):
@@ -258,8 +254,8 @@ def test_trtllm_worker_matches_transformers_with_eos(tmp_path):
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "hf", safe_serialization=True)
     ref = model.float().eval()  # the bf16-rounded weights, run in fp32
-    stop = _hf_greedy_until(ref, _prompts(), stop=-1)[0][3]  # prompt 0 stops after 4 tokens
-    expected = _hf_greedy_until(ref, _prompts(), stop)
+    stop = hf_greedy_until(ref, _prompts(), -1, MAX_NEW)[0][3]  # prompt 0 stops after 4 tokens
+    expected = hf_greedy_until(ref, _prompts(), stop, MAX_NEW)
     assert expected[0][-1] == stop and any(len(e) == MAX_NEW and stop not in e for e in expected)
 
     keys = [f"p{i}" for i in range(len(_prompts()))]

@@ -36,10 +36,6 @@ def _need_vllm_env() -> None:
         pytest.skip("no .venv-vllm: create it with `bash launch/setup_vllm.sh`")
 
 
-def _hf_greedy_until(model, prompts, stop: int) -> list[list[int]]:
-    return hf_greedy_until(model, prompts, stop, MAX_NEW)
-
-
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
     """A tiny random LlamaForCausalLM with head size 32 (peaked logits: greedy has clear winners)."""
@@ -74,7 +70,7 @@ def engine_run(hf_model, tmp_path_factory):
     from spin_mcore.generation.external import run_engine
 
     model, hf_dir = hf_model
-    free = _hf_greedy_until(model, _prompts(), stop=-1)
+    free = hf_greedy_until(model, _prompts(), -1, MAX_NEW)
     stop = free[0][3]  # prompt 0 stops after 4 tokens: the EOS convention is exercised
     tmp = tmp_path_factory.mktemp("vllm")
     keys = [f"p{i}" for i in range(len(_prompts()))]
@@ -100,7 +96,7 @@ def engine_run(hf_model, tmp_path_factory):
 
 def test_greedy_parity_vllm_transformers_megatron_with_eos(hf_model, engine_run):
     """Token ids identical across the engines (vLLM, transformers, in-process TP1 and TP2), y' ending in the stop id exactly when it stopped there."""
-    expected = _hf_greedy_until(hf_model[0], _prompts(), engine_run["stop"])
+    expected = hf_greedy_until(hf_model[0], _prompts(), engine_run["stop"], MAX_NEW)
     got = [r["generated_ids"] for r in engine_run["greedy"]]
     assert expected[0][-1] == engine_run["stop"] and len(expected[0]) == 4  # stopped on the stop id, kept it
     assert any(len(e) == MAX_NEW and engine_run["stop"] not in e for e in expected)  # and a length-capped one

@@ -34,6 +34,7 @@ _SUB_TEMPLATES = (
 )
 
 _ANSWER = re.compile(r"The answer is (-?\d+)\.")
+_EQUATION = re.compile(r"^\s*(\d+) ([+-]) (\d+) = (-?\d+)\. The answer is (-?\d+)\.\s*$")
 
 
 def human_response(a: int, b: int, op: str) -> str:
@@ -70,6 +71,17 @@ def extract_answer(text: str) -> Optional[int]:
     """The integer after "The answer is", or None when the response has no parseable answer."""
     m = _ANSWER.search(text)
     return int(m.group(1)) if m else None
+
+
+def parse_equation(text: str) -> Optional[tuple[int, bool]]:
+    """(answer, whether "a op b = c" holds and c equals the answer) of a response in exactly
+    :func:`human_response`'s form ("a op b = c. The answer is w.", surrounding whitespace allowed),
+    or None for any other text."""
+    m = _EQUATION.match(text)
+    if m is None:
+        return None
+    a, op, b, c, answer = int(m[1]), m[2], int(m[3]), int(m[4]), int(m[5])
+    return answer, (a + b if op == "+" else a - b) == c == answer
 
 
 def is_correct(response: str, answer: int) -> bool:

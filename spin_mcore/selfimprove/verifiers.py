@@ -148,14 +148,15 @@ class ArithEquation(Verifier):
     x op y == c == w == the integer reference; any other text is no answer."""
 
     name = "arith_equation"
-    _FORM = re.compile(r"^\s*(\d+) ([+-]) (\d+) = (-?\d+)\. The answer is (-?\d+)\.\s*$")
 
     def check(self, response, reference):
-        m = self._FORM.match(response)
-        if m is None:
+        from spin_mcore.demo.task import parse_equation
+
+        parsed = parse_equation(response)
+        if parsed is None:
             return NO_ANSWER
-        x, op, y, c, w = int(m[1]), m[2], int(m[3]), int(m[4]), int(m[5])
-        return _ok(w, (x + y if op == "+" else x - y) == c == w == int(reference))
+        answer, holds = parsed
+        return _ok(answer, holds and answer == int(reference))
 
 
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
