@@ -95,6 +95,19 @@ def fp8_transformer_kwargs(precision) -> dict:
     return kwargs
 
 
+def uses_fp8_params(precision) -> bool:
+    """True when the GEMM weights are kept as Transformer Engine FP8 tensors (``fp8`` recipe with ``fp8_param``)."""
+    return precision.recipe == "fp8" and bool(precision.fp8_param)
+
+
+def megatron_fp8_recipe(precision) -> Optional[str]:
+    """Megatron's ``Fp8Recipe`` name of ``precision`` (as :func:`fp8_transformer_kwargs` gives the
+    TransformerConfig), or None without FP8: the value ``OptimizerConfig.fp8_recipe`` must carry."""
+    if precision.recipe != "fp8":
+        return None
+    return MEGATRON_RECIPE[precision.fp8_scaling]
+
+
 def te_recipe_spec(precision) -> Optional[tuple[str, dict]]:
     """``(TE class name in transformer_engine.common.recipe, its constructor kwargs)``, or None without fp8.
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from spin_mcore.config import ConfigError, ModelConfig, PrecisionConfig
-from spin_mcore.models.fp8 import fp8_transformer_kwargs, require_fp8_hardware
+from spin_mcore.models.fp8 import fp8_transformer_kwargs, require_fp8_hardware, uses_fp8_params
 from spin_mcore.models.rope import apply_rope_scaling
 
 
@@ -51,6 +51,42 @@ def use_fused_kernels(setting: str, gpu: bool) -> bool:
     return available if setting == "auto" else setting == "on"
 
 
+def apex_fused_wgrad_available() -> bool:
+    """True when apex's ``fused_weight_gradient_mlp_cuda`` CUDA extension imports in this process.
+
+    Megatron-Core's non-TE ``ColumnParallelLinear`` (GPTModel's output layer) refuses
+    ``gradient_accumulation_fusion`` without it (megatron/core/tensor_parallel/layers.py), while TE's
+    layers fuse on their own. Cheap after the first call: a ``sys.modules`` lookup.
+    """
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except (ImportError, OSError):  # OSError: a .so built against another CUDA/torch
+        return False
+    return True
+
+
+_warned_no_apex = False
+
+
+def use_gradient_accumulation_fusion(fused: bool, for_ddp: bool) -> bool:
+    """Gradient-accumulation fusion: fused kernels on, a DDP (training) model, and apex's extension present.
+
+    Without the extension it stays off (same values, one more add per weight grad) and a one-line
+    warning says so, once per process.
+    """
+    global _warned_no_apex
+    if not (fused and for_ddp):
+        return False
+    if apex_fused_wgrad_available():
+        return True
+    if not _warned_no_apex:
+        _warned_no_apex = True
+        warnings.warn("gradient-accumulation fusion is off: apex's fused_weight_gradient_mlp_cuda extension is "
+                      "not importable (Megatron's output layer needs it); fix: bash launch/setup_gpu.sh",
+                      stacklevel=2)
+    return False
+
+
 def build_transformer_config(model: ModelConfig, tp: int, pp: int, precision: PrecisionConfig,
                              gpu: bool, recompute: bool = False, sequence_parallel: bool = False, *,
                              fused_kernels: str = "off", perform_initialization: bool = True,
@@ -59,7 +95,7 @@ def build_transformer_config(model: ModelConfig, tp: int, pp: int, precision: Pr
 
     ``fused_kernels``: ``train.fused_kernels`` (see :func:`use_fused_kernels`). Gradient-accumulation
     fusion also needs ``for_ddp``: it writes weight grads into Megatron DDP's ``main_grad`` buffers,
-    which only a DDP-wrapped (training) model has.
+    which only a DDP-wrapped (training) model has; and apex (:func:`use_gradient_accumulation_fusion`).
     ``perform_initialization=False`` leaves the weights uninitialised (``torch.empty``): only for a
     model whose every parameter a checkpoint load overwrites next (the loaders check that).
     ``vp_size``: virtual pipeline stages per pipeline rank (None = no interleaving).
@@ -89,9 +125,7 @@ def build_transformer_config(model: ModelConfig, tp: int, pp: int, precision: Pr
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_std,
-        # Initialise the full weight on the CPU from one seed, then split: the
-        # same seed gives the same model at every TP/PP size.
-        use_cpu_initialization=True,
+        use_cpu_initialization=_cpu_initialization(precision),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -103,7 +137,7 @@ def build_transformer_config(model: ModelConfig, tp: int, pp: int, precision: Pr
         masked_softmax_fusion=fused,
         apply_rope_fusion=fused,
         persist_layer_norm=fused,
-        gradient_accumulation_fusion=fused and for_ddp,
+        gradient_accumulation_fusion=use_gradient_accumulation_fusion(fused, for_ddp),
         deallocate_pipeline_outputs=False,
     )
     if vp_size is not None:
@@ -116,6 +150,18 @@ def build_transformer_config(model: ModelConfig, tp: int, pp: int, precision: Pr
     # FP8 format, scaling recipe, FP8 params, bf16 edge layers (spin_mcore/models/fp8.py).
     kwargs.update(fp8_transformer_kwargs(precision))
     return TransformerConfig(**kwargs)
+
+
+def _cpu_initialization(precision: PrecisionConfig) -> bool:
+    """Megatron ``use_cpu_initialization``: on, except with FP8 parameters.
+
+    On the CPU the full weight is initialised from one seed and then split, so the same seed gives the
+    same model at every TP/PP size. FP8 parameters cannot take that path: Transformer Engine quantizes
+    each weight inside ``reset_parameters`` and its quantize kernel has no CPU implementation. With
+    them the weights are initialised on the GPU, each TP rank from its own RNG stream, so a seeded
+    random init then differs between TP sizes (a loaded checkpoint, the usual start, is unaffected).
+    """
+    return not uses_fp8_params(precision)
 
 
 def have_transformer_engine() -> bool:
