@@ -352,3 +352,45 @@ def test_lr_schedule_values_and_checkpoint():
     assert fresh.num_steps == 55 and opt.param_groups[0]["lr"] == pytest.approx(0.5e-6)
     with pytest.raises(ValueError, match="total_steps"):
         build_lr_schedule(opt, 1e-6, 200, 0.1).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- FP8 recipe (issue 20, 4d)
+
+@pytest.mark.parametrize("scaling,expected", [("current", "tensorwise"), ("delayed", "delayed"),
+                                              ("blockwise", "blockwise"), ("mxfp8", "mxfp8")])
+def test_optimizer_config_carries_the_models_fp8_recipe(scaling, expected):
+    """Megatron's distributed optimizer views FP8 params flat only for fp8_recipe='delayed'; unset, a
+    delayed-scaling model's params were handled as non-delayed."""
+    import warnings
+
+    from spin_mcore.config import PrecisionConfig, TrainConfig
+    from spin_mcore.models.fp8 import fp8_transformer_kwargs
+    from spin_mcore.training.optimizer import build_optimizer_config
+
+    precision = PrecisionConfig(recipe="fp8", fp8_scaling=scaling)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Megatron's mxfp8 memory advice
+        cfg = build_optimizer_config(TrainConfig(), 1e-3, True, torch.bfloat16, precision=precision)
+    assert cfg.fp8_recipe == expected
+    assert fp8_transformer_kwargs(precision)["fp8_recipe"] == expected  # the TransformerConfig's value
+
+
+@pytest.mark.parametrize("recipe", ["auto", "fp32", "bf16", None])
+def test_optimizer_config_without_fp8_has_no_recipe(recipe):
+    from spin_mcore.config import PrecisionConfig, TrainConfig
+    from spin_mcore.training.optimizer import build_optimizer_config
+
+    precision = None if recipe is None else PrecisionConfig(recipe=recipe, fp8_scaling="delayed")
+    assert build_optimizer_config(TrainConfig(), 1e-3, True, torch.bfloat16, precision=precision).fp8_recipe is None
+
+
+def test_fp8_model_needs_the_precision_config():
+    from spin_mcore.config import PrecisionConfig
+    from spin_mcore.training.optimizer import build_optimizer
+
+    chunk = SimpleNamespace(ddp_config=SimpleNamespace(use_distributed_optimizer=True, overlap_param_gather=False),
+                            config=SimpleNamespace(fp8="hybrid", fp8_recipe="delayed"))
+    with pytest.raises(ValueError, match=r"fp8_recipe='delayed' but the optimizer got fp8_recipe=None; pass precision"):
+        build_optimizer(_cfg().train, [chunk], LR, True, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"got fp8_recipe='tensorwise'"):
+        build_optimizer(_cfg().train, [chunk], LR, True, torch.bfloat16, precision=PrecisionConfig(recipe="fp8"))

@@ -220,13 +220,19 @@ def set_grad_sync_funcs(ddp_chunks: list, ddp_cfg: DistributedDataParallelConfig
 
 
 def build_optimizer_config(train_cfg, lr: float, use_distributed_optimizer: bool, params_dtype: torch.dtype,
-                           overlap_param_gather: bool = False) -> OptimizerConfig:
+                           overlap_param_gather: bool = False, precision=None) -> OptimizerConfig:
     """Megatron ``OptimizerConfig`` carrying what the wrappers read (precision, clipping, sharding).
 
     ``overlap_param_gather`` mirrors the DDP config's (Megatron reads the DDP one; 0.16.1's optimizer
     uses its own copy only for MXFP8 parameter buffers).
+    ``precision``: ``Config.precision``; its FP8 scaling becomes ``fp8_recipe`` (the Megatron name the
+    TransformerConfig gets), which the distributed optimizer reads to shard FP8 params: only delayed
+    scaling's Float8Tensors may be viewed flat (distrib_optimizer.py). None or a non-FP8 recipe: None.
     """
+    from spin_mcore.models.fp8 import megatron_fp8_recipe
+
     return OptimizerConfig(
+        fp8_recipe=megatron_fp8_recipe(precision) if precision is not None else None,
         optimizer="adam",  # only read by Megatron's own factory and precision-aware paths, not used here
         lr=lr,
         min_lr=0.0,
@@ -244,7 +250,7 @@ def build_optimizer_config(train_cfg, lr: float, use_distributed_optimizer: bool
 
 
 def build_optimizer(train_cfg, model_chunks: list, lr: float, use_distributed_optimizer: bool,
-                    params_dtype: torch.dtype) -> MegatronOptimizer:
+                    params_dtype: torch.dtype, precision=None) -> MegatronOptimizer:
     """The Megatron optimizer for this rank's model chunks.
 
     Args:
@@ -255,6 +261,8 @@ def build_optimizer(train_cfg, model_chunks: list, lr: float, use_distributed_op
         lr: initial (peak) LR written into every group; the LR schedule overwrites it each step.
         use_distributed_optimizer: shard main params + state over DP (``DistributedOptimizer``).
         params_dtype: the model's param dtype; bf16/fp16 get fp32 main params.
+        precision: ``Config.precision`` the model was built with (gives ``fp8_recipe``); required
+            when the model is FP8 (refused otherwise, since Megatron would shard its FP8 params wrongly).
 
     Returns ``FP32Optimizer`` (fp32, not sharded), ``Float16OptimizerWithFloat16Params``
     (bf16 params with fp32 main params, not sharded) or :class:`SpinDistributedOptimizer`
@@ -274,7 +282,9 @@ def build_optimizer(train_cfg, model_chunks: list, lr: float, use_distributed_op
     if params_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"build_optimizer: params_dtype={params_dtype} unsupported (fp32 or bf16; fp16 would need a loss scaler)")
     config = build_optimizer_config(train_cfg, lr, use_distributed_optimizer, params_dtype,
-                                    overlap_param_gather=model_chunks[0].ddp_config.overlap_param_gather)
+                                    overlap_param_gather=model_chunks[0].ddp_config.overlap_param_gather,
+                                    precision=precision)
+    _check_fp8_recipe(config, getattr(model_chunks[0], "config", None))
 
     groups = ProcessGroupCollection.setup_process_groups_for_optimizer(None, model_chunks, True)
     # Same grouping (and the same cross-rank alignment of groups) as get_megatron_optimizer.
@@ -309,6 +319,16 @@ def build_optimizer(train_cfg, model_chunks: list, lr: float, use_distributed_op
         # After wrapping: the distributed optimizer has swapped in its fp32 shard params.
         init_optimizer_state(opt.optimizer)
     return opt
+
+
+def _check_fp8_recipe(config: OptimizerConfig, model_config) -> None:
+    """Refuse an optimizer whose ``fp8_recipe`` differs from the FP8 model's (Megatron treats FP8 params
+    by it); ``model_config`` is the chunk's ``TransformerConfig``. A non-FP8 model needs nothing."""
+    if not getattr(model_config, "fp8", None):
+        return
+    if config.fp8_recipe != model_config.fp8_recipe:
+        raise ValueError(f"build_optimizer: the model is FP8 with fp8_recipe={model_config.fp8_recipe!r} but the "
+                         f"optimizer got fp8_recipe={config.fp8_recipe!r}; pass precision=cfg.precision")
 
 
 def _tp_group():

@@ -164,7 +164,7 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
     model = setup_model(cfg, pstate, init_checkpoint)
     dtype = params_dtype(cfg.precision, pstate.device.type == "cuda")
     use_dist_opt = cfg.parallel.distributed_optimizer
-    optimizer = build_optimizer(t_cfg, [model], peak_lr, use_dist_opt, dtype)
+    optimizer = build_optimizer(t_cfg, [model], peak_lr, use_dist_opt, dtype, precision=cfg.precision)
     scheduler = build_lr_schedule(optimizer, peak_lr, total_steps, t_cfg.warmup_fraction)
 
     state_root = out_dir / "train_state"
