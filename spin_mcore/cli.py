@@ -97,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from spin_mcore.config import USER_ERRORS, ConfigError
-    from spin_mcore.launcher import WorkerError, launch_rank
+    from spin_mcore.launcher import WorkerError, launch_rank, launched, quiet_repeated_warnings
     from spin_mcore.platform import preemption
+
+    if launched():  # srun/torchrun started every rank: each warning once per job, from rank 0
+        quiet_repeated_warnings(launch_rank())
 
     # Resumable commands (set_defaults(preemptible=True)) stop at a step/shard boundary on
     # SIGUSR1/SIGTERM and exit with REQUEUE_EXIT_CODE; the others keep the default handlers.
@@ -109,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except preemption.Preempted as exc:
         if launch_rank() == 0:  # one line per job, not per rank
             print(f"spin-mcore {args.command}: preempted ({exc.signal_name} after {exc.where}); state saved, "
-                  "re-run the same command to resume", file=sys.stderr)
+                  "re-run the same command to resume", file=sys.stderr, flush=True)
+        # Exit 75 is a "bad exit" to srun --kill-on-bad-exit=1: wait until rank 0 has published.
+        preemption.leave_together()
         return preemption.REQUEUE_EXIT_CODE
     except WorkerError as exc:  # a local rank failed (run_local): its message, not two nested tracebacks
         _report(args, f"error: {exc.summary}" if exc.user_error else exc.summary, exc.traceback,

@@ -38,12 +38,9 @@ class WorkerError(RuntimeError):
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, threads: int, env: dict) -> None:
     os.environ.update(env)
     if os.environ.get("SPIN_MCORE_SHOW_WARNINGS") != "1":
-        import warnings
-
         # Deprecation notices from torch.distributed and Megatron (apex/TE fallbacks) repeat on
-        # every rank and bury the progress output; SPIN_MCORE_SHOW_WARNINGS=1 shows them.
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|torch)\.")
+        # every rank and bury the progress output of a local run; SPIN_MCORE_SHOW_WARNINGS=1 shows them.
+        _ignore_library_warnings()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
@@ -68,6 +65,29 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
             destroy_distributed()
         except Exception:
             pass
+
+
+def _ignore_library_warnings() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|torch|transformer_engine)\b")
+
+
+def quiet_repeated_warnings(rank: int, environ=None) -> None:
+    """Each library warning once per job, not once per rank: only rank 0 shows them.
+
+    Under ``srun`` every rank is its own process and prints the same torch / Megatron
+    FutureWarnings; at 64 ranks they bury the warnings that matter. Ranks other than 0 ignore
+    FutureWarning, DeprecationWarning and the UserWarnings raised inside torch, Megatron and
+    Transformer Engine; rank 0 keeps Python's filters (each shown once per place), and every
+    rank still shows warnings raised by spin_mcore itself. ``SPIN_MCORE_SHOW_WARNINGS=1``
+    keeps them on every rank.
+    """
+    env = os.environ if environ is None else environ
+    if rank != 0 and env.get("SPIN_MCORE_SHOW_WARNINGS") != "1":
+        _ignore_library_warnings()
 
 
 def launch_rank(environ=None) -> int:

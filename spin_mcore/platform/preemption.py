@@ -219,3 +219,24 @@ def preempted(where: str) -> Preempted:
     """The :class:`Preempted` to raise after a True :func:`stop_requested`; ``where`` names the boundary."""
     return Preempted(_STATE.agreed or _STATE.signum or signal.SIGTERM, where)
 
+
+
+def leave_together() -> None:
+    """Collective, on the way out of a preempted job: no rank exits before every rank got here.
+
+    ``srun --kill-on-bad-exit=1`` kills every task of the step as soon as one exits non-zero, and
+    the requeue status 75 is non-zero. Rank 0 still has work after the last stage collective (it
+    publishes: renames a checkpoint's temporary directory, writes ``done.json`` and manifests,
+    flushes metrics and TensorBoard in ``finally`` blocks); a rank that exited first would have
+    it killed in the middle. So every rank meets here after its own clean-up. Without a process
+    group (one process, or the local launcher's parent) there is nobody to wait for. A barrier that
+    fails (a peer died, the group timed out) is not an error here: the state on disk decides.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    except Exception:  # noqa: BLE001 - leaving anyway; resume reads only what was published
+        pass

@@ -99,6 +99,20 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _rank0_object(obj):
+    """Rank 0's ``obj`` on every rank (a broadcast; ``obj`` itself without a process group).
+
+    The loop state goes into Megatron's *common* state dict, which only rank 0 writes and which
+    every rank must hold identically: per-rank values (a step's seconds, tokens/s) would make
+    ``dist_checkpointing`` warn on every save, on every rank, and a resumed run reads rank 0's anyway.
+    """
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def save_train_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, pstate, loop_state: dict,
                           keep: int = 2) -> Path:
     """Collective: save everything needed to resume after ``step`` optimizer steps; returns the directory.
@@ -124,7 +138,7 @@ def save_train_checkpoint(root: str | Path, step: int, model, optimizer, schedul
     sync_params(model)  # overlap_param_gather: the last step's all-gather may still be pending
     state = _sharded_state(model, optimizer, pstate, is_loading=False, with_rng=True)
     state["scheduler"] = scheduler.state_dict()
-    state["loop"] = dict(loop_state, step=step, world_size=pstate.world_size)
+    state["loop"] = dict(_rank0_object(loop_state), step=step, world_size=pstate.world_size)
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if pstate.rank == 0:
