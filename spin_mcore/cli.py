@@ -19,7 +19,7 @@ EXIT_BAD_INPUT = 1
 EXIT_FAILURE = 3
 
 # Order is the order shown in --help.
-COMMANDS = ("demo", "run", "restem", "rpo", "star", "generate", "train", "eval", "convert", "smoke", "ranks", "plan")
+COMMANDS = ("demo", "run", "restem", "rpo", "star", "generate", "train", "eval", "convert", "smoke", "ranks", "plan", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

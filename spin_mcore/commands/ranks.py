@@ -3,7 +3,8 @@
 Reads the allocation from the batch shell's environment (``SLURM_JOB_NODELIST``,
 ``SLURM_JOB_ID``, ``SLURM_TASKS_PER_NODE``, ``SLURM_NTASKS``), loads the config for
 parallel.tp/pp/cp, and prints for every rank the host it lands on, the environment it will
-get under ``srun`` (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), its place in
+get under ``srun`` (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, then the job-wide
+CUDA_DEVICE_MAX_CONNECTIONS / NCCL_* / TORCH_NCCL_* / NVTE_* variables srun passes on), its place in
 Megatron's grid (TP/PP/CP/DP rank) and the command it runs (CMD, default ``spin-mcore run
 CONFIG key=value ...``). Nothing is started. The values come from the same functions the
 ranks call (spin_mcore/platform/slurm.py), so the dry run cannot disagree with the real run.
@@ -54,9 +55,10 @@ def run(args) -> int:
 
     with warnings.catch_warnings():  # Megatron's import warns about missing GPU extras; not news here
         warnings.simplefilter("ignore")
-        from spin_mcore.platform.slurm import plan_ranks
+        from spin_mcore.platform.slurm import launch_environment, plan_ranks
 
         plan = plan_ranks(os.environ, cfg.parallel)
+    shared_env = launch_environment(os.environ)
     p = cfg.parallel
     world = len(plan)
     dp = world // (p.tp * p.pp * p.cp)
@@ -67,7 +69,8 @@ def run(args) -> int:
             "master_addr": plan[0]["MASTER_ADDR"], "master_port": int(plan[0]["MASTER_PORT"]),
             "parallel": {"tp": p.tp, "pp": p.pp, "cp": p.cp, "dp": dp},
             "command": command,
-            "ranks": [{"host": r["host"], "env": {k: r[k] for k in ENV_KEYS}, **{k: r[k] for k in GRID_KEYS}}
+            "ranks": [{"host": r["host"], "env": {**{k: r[k] for k in ENV_KEYS}, **shared_env},
+                       **{k: r[k] for k in GRID_KEYS}}
                       for r in plan],
         }))
         return 0
@@ -76,7 +79,7 @@ def run(args) -> int:
     print("# per rank: host, the environment srun gives it, its Megatron grid position, then its command")
     cmd = shlex.join(command)
     for r in plan:
-        env = " ".join(f"{k}={r[k]}" for k in ENV_KEYS)
+        env = " ".join([f"{k}={r[k]}" for k in ENV_KEYS] + [f"{k}={shlex.quote(v)}" for k, v in shared_env.items()])
         grid = " ".join(f"{k.split('_')[0].upper()}={r[k]}" for k in GRID_KEYS)
         print(f"{r['host']}: {env}  [{grid}]  {cmd}")
     return 0

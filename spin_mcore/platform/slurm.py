@@ -226,6 +226,18 @@ def rendezvous_from_slurm(environ: Mapping[str, str]) -> dict:
 
 # ----------------------------------------------------------------------------- dry run
 
+# Job-wide variables that change how the ranks compute and communicate; launch/spin_job.sh sets
+# defaults for some, srun passes all of them (and whatever the user set) on to every task.
+LAUNCH_ENV_NAMES = ("CUDA_DEVICE_MAX_CONNECTIONS",)
+LAUNCH_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "NVTE_")
+
+
+def launch_environment(environ: Mapping[str, str]) -> dict:
+    """The variables of :data:`LAUNCH_ENV_NAMES` / ``LAUNCH_ENV_PREFIXES`` in ``environ``, sorted by name."""
+    return {k: environ[k] for k in sorted(environ)
+            if k in LAUNCH_ENV_NAMES or k.startswith(LAUNCH_ENV_PREFIXES)}
+
+
 
 def plan_ranks(environ: Mapping[str, str], parallel) -> list[dict]:
     """What every rank of the allocation in ``environ`` will get under ``srun`` (the dry run).
