@@ -162,7 +162,12 @@ class GenerationConfig:
     engine_launcher: str = _f("auto", "How rank 0 starts the external engine's worker: local (a child process, sees "
                               "the node's devices) or srun (its own SLURM job step inside the allocation, "
                               "`srun --overlap --ntasks=1` on rank 0's node with generation.engine_tensor_parallel GPUs). auto: srun "
-                              "inside a SLURM job with srun on PATH, else local.")
+                              "inside a SLURM job with srun on PATH, else local. Both put the engine "
+                              "environment's bin first on PATH.")
+    engine_mpi: str = _f("pmix", "MPI plugin of the TensorRT-LLM engine's srun step (`srun --mpi=<this>`, one "
+                         "task per TP rank under trtllm-llmapi-launch); it must match how the cluster's Slurm and "
+                         "the engine environment's MPI were built: `srun --mpi=list` shows the choices (e.g. pmix, "
+                         "pmix_v4, pmi2). Used with generation.backend=trtllm and engine_launcher srun only.")
     engine_quantization: Optional[str] = _f(None, "Weights the external engine runs: None (the export's dtype) or fp8 "
                                             "(TensorRT-LLM on CUDA only: the HF export is quantised with NVIDIA "
                                             "ModelOpt per iteration; the agreement threshold then needs the bf16/fp8 "
@@ -491,6 +496,10 @@ def validate(cfg: Config) -> None:
     _choice("generation.backend", g.backend, ("megatron", "trtllm", "vllm"))
     _choice("generation.overlong_prompts", g.overlong_prompts, ("truncate", "reject"))
     _choice("generation.engine_launcher", g.engine_launcher, ("auto", "local", "srun"))
+    mpi = str(g.engine_mpi or "")
+    if not (mpi.isascii() and mpi.replace("_", "").isalnum()):  # one plugin name, never extra srun options
+        raise ConfigError(f"generation.engine_mpi={g.engine_mpi!r}: must be one srun MPI plugin name (letters, digits, "
+                          "_), e.g. pmix, pmix_v4 or pmi2; `srun --mpi=list` shows the cluster's")
     if g.engine_quantization is not None:
         _choice("generation.engine_quantization", g.engine_quantization, ("fp8",))
         if g.backend != "trtllm":

@@ -101,10 +101,19 @@ def engine_python(gen_cfg) -> Path:
     return path
 
 
-def engine_env(gen_cfg, device: str, environ=None) -> dict:
-    """The worker's environment: this checkout importable, the CPU KV-cache size set (see config help)."""
+def engine_env(gen_cfg, device: str, environ=None, python: Optional[Path] = None) -> dict:
+    """The worker's environment: this checkout importable, the engine environment's ``bin`` first on
+    PATH, the CPU KV-cache size set (see config help).
+
+    python: the engine's interpreter (default :func:`engine_python`). Its directory goes first on
+    PATH because the engines start programs by name: ``trtllm-llmapi-launch`` runs ``python3 -m
+    tensorrt_llm.llmapi.mgmn_*``, and under sbatch ``python3`` would otherwise be the submitting
+    environment's, which has no engine.
+    """
     env = dict(os.environ if environ is None else environ)
     env["PYTHONPATH"] = os.pathsep.join([str(CHECKOUT), *filter(None, [env.get("PYTHONPATH")])])
+    bin_dir = str(Path(python if python is not None else engine_python(gen_cfg)).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, *[d for d in env.get("PATH", "").split(os.pathsep) if d and d != bin_dir]])
     if device != "cuda" and "VLLM_CPU_KVCACHE_SPACE" not in env:
         frac = gen_cfg.engine_memory_fraction
         gib = 1 if frac is None else max(1, int(frac * _available_ram_gib()))
@@ -223,10 +232,12 @@ def worker_command(gen_cfg, python: Path, job_path: Path, device: str, environ=N
     the running allocation, one task on this node, ``--overlap`` (the training step keeps its
     resources while it waits: Slurm's --overlap shares CPUs, memory and GRES), with
     ``generation.engine_tensor_parallel`` GPUs on CUDA, so the engine has its own step in ``sacct`` and its own
-    signal handling. Raises ConfigError naming the setting when srun is asked for outside a job.
+    signal handling; TensorRT-LLM's step has one MPI task per TP rank (``--mpi=<generation.engine_mpi>``).
+    Both launchers put the engine environment's ``bin`` first on PATH (:func:`engine_env`). Raises
+    ConfigError naming the setting when srun is asked for outside a job.
     """
     environ = dict(os.environ if environ is None else environ)
-    env = engine_env(gen_cfg, device, environ)
+    env = engine_env(gen_cfg, device, environ, python)
     argv = [str(python), "-m", worker_module(gen_cfg.backend), str(job_path)]
     if engine_launcher(gen_cfg, environ) == "local":
         if gen_cfg.backend == "trtllm":
@@ -250,7 +261,7 @@ def worker_command(gen_cfg, python: Path, job_path: Path, device: str, environ=N
         # trtllm-llmapi-launch (NVIDIA's examples/llm-api/llm_mgmn_*.sh: tasks must equal tensor_parallel_size).
         tp = gen_cfg.engine_tensor_parallel
         srun[srun.index("--ntasks=1")] = f"--ntasks={tp}"
-        srun.insert(srun.index("--export=ALL"), "--mpi=pmix")
+        srun.insert(srun.index("--export=ALL"), f"--mpi={gen_cfg.engine_mpi}")
         argv = [str(Path(python).with_name("trtllm-llmapi-launch")), *argv]
     return srun + argv, env
 
@@ -287,17 +298,31 @@ def _wait(proc: subprocess.Popen) -> int:
     """Wait for the worker; on a stop signal (preemption) stop it and raise ``Preempted``.
 
     The worker writes whole shards only, so a stop loses at most the shards in flight; the
-    requeued job's engine generates just the missing ones.
+    requeued job's engine generates just the missing ones. A worker that ends by itself with
+    :data:`protocol.REQUEUE_EXIT_CODE`, or with any status after this process received a stop
+    signal, was stopped too (SLURM's ``--signal`` reaches the engine's step as well, often first):
+    ``Preempted``, not a failure, so the job is requeued (finished shards are converted then).
     """
     from spin_mcore.platform import preemption
 
     while True:
         try:
-            return proc.wait(timeout=2)
+            returncode = proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             if preemption.received():
                 _stop(proc, signal.SIGTERM)
                 raise preemption.preempted("generation engine (finished shards kept)") from None
+            continue
+        _raise_if_preempted(returncode)
+        return returncode
+
+
+def _raise_if_preempted(returncode: int) -> None:
+    """``Preempted`` when the worker's exit says it was stopped (see :func:`_wait`)."""
+    from spin_mcore.platform import preemption
+
+    if returncode == protocol.REQUEUE_EXIT_CODE or preemption.received():
+        raise preemption.preempted(f"generation engine (worker exited with {returncode}; finished shards kept)")
 
 
 def _stop(proc: subprocess.Popen, sig: int) -> None:

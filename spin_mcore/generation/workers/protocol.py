@@ -25,6 +25,12 @@ engine's convention); ``engine_logp`` is the sum of the engine's raw (unscaled, 
 log-probs of ``generated_ids``. ``STATUS.json`` gets ``{"engine_starts", "load_seconds",
 "generate_seconds", "generated_tokens", "shards"}`` when the worker ends. A killed worker
 leaves whole shards only; shards already in ``out_dir``'s manifest are skipped on the next job.
+
+Stop signals (SIGUSR1 from ``#SBATCH --signal=USR1@<s>``, which reaches the engine's own srun
+step too; SIGTERM): :func:`install_stop_handlers` records the signal; the shard in flight is
+abandoned (its generate call is interrupted, nothing of it is written) and the worker exits
+with :data:`REQUEUE_EXIT_CODE`, which the parent treats as preemption. The next job generates
+only the shards missing from the manifests.
 """
 
 from __future__ import annotations
@@ -43,6 +49,77 @@ from spin_mcore.utils.shards import ShardedStage
 
 VERSION = 1
 ENGINE_STAGE = "engine"
+#: Exit status of a worker stopped by a signal: the same as spin_mcore.platform.preemption's
+#: (EX_TEMPFAIL), defined again here because the worker must not import torch.
+REQUEUE_EXIT_CODE = 75
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Stopped(BaseException):
+    """A stop signal arrived; raised at a shard boundary or out of the interrupted engine call.
+
+    A BaseException, so the engine's own ``except Exception`` cannot swallow it.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+        self.shards_done = 0  # set by serve_shards
+
+    def __str__(self) -> str:
+        return f"stopped by {signal.Signals(self.signum).name}"
+
+
+# Process-wide by nature: a signal handler has nowhere else to write.
+_STOP = {"signum": 0, "interruptible": False}
+
+
+def _on_stop(signum, frame) -> None:
+    if not _STOP["signum"]:
+        _STOP["signum"] = signum
+    if _STOP["interruptible"]:
+        # once only: a second signal must not interrupt the unwinding of the first
+        _STOP["interruptible"] = False
+        raise Stopped(signum)
+
+
+def install_stop_handlers() -> None:
+    """SIGUSR1/SIGTERM stop the worker (see module docstring) instead of killing it mid-write."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, _on_stop)
+
+
+def stop_received() -> int:
+    """The stop signal this worker received (0: none)."""
+    return _STOP["signum"]
+
+
+class interruptible:
+    """Context for a long engine call (engine start, one shard's generate) that a stop signal may abandon.
+
+    Outside it the handler only records the signal, so a shard being written is finished first.
+    Any error of the call after a stop signal counts as the stop: under SLURM the engine's own
+    helper processes get the signal too and die, which the engine reports as its own error.
+    """
+
+    def __enter__(self):
+        if _STOP["signum"]:
+            raise Stopped(_STOP["signum"])
+        _STOP["interruptible"] = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        _STOP["interruptible"] = False
+        if exc_type is not None and not issubclass(exc_type, Stopped) and _STOP["signum"]:
+            raise Stopped(_STOP["signum"]) from exc
+        return False
+
+
+def stopped_exit(worker: str, exc: Stopped) -> int:
+    """Print the worker's one line for a stop and return :data:`REQUEUE_EXIT_CODE`."""
+    print(f"{worker}: {exc} after {exc.shards_done} shard(s) this run; the shard in flight was abandoned, "
+          f"the requeued job generates the rest", file=sys.stderr, flush=True)
+    return REQUEUE_EXIT_CODE
 
 
 @dataclass
@@ -170,7 +247,8 @@ def serve_shards(job: Job, generate_chunk: Callable, name: str) -> dict:
 
     Shards already in a set's manifest (an earlier, killed worker's) are skipped. ``SPIN_<NAME>_KILL_AT=
     <set>:<shard>`` SIGKILLs the worker after generating that shard, before writing it (the tests' kill
-    in the middle of a shard).
+    in the middle of a shard). A stop signal raises :class:`Stopped` (see :class:`interruptible`) with
+    ``shards_done``, the shards this call wrote before it.
     """
     kill_at = os.environ.get(f"SPIN_{name.upper()}_KILL_AT")
     tokens, shards, start = 0, 0, time.perf_counter()
@@ -185,7 +263,12 @@ def serve_shards(job: Job, generate_chunk: Callable, name: str) -> dict:
             chunk = prompts[k * pset.shard_size:(k + 1) * pset.shard_size]
             if not chunk:
                 raise ValueError(f"{pset.prompts}: shard {k} is past the last prompt")
-            records = generate_chunk(chunk, sampling, stop_ids)
+            try:
+                with interruptible():
+                    records = generate_chunk(chunk, sampling, stop_ids)
+            except Stopped as exc:
+                exc.shards_done = shards
+                raise
             if kill_at == f"{pset.name}:{k}":
                 os.kill(os.getpid(), signal.SIGKILL)
             stage.write_shard(k, records)

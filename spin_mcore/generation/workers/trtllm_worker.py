@@ -5,9 +5,22 @@ every listed shard of every prompt set (see :mod:`spin_mcore.generation.workers.
 :mod:`...vllm_worker`. Imports only the stdlib, TensorRT-LLM (and, for FP8, NVIDIA ModelOpt +
 transformers, both dependencies of the pinned ``tensorrt_llm``) and spin_mcore's stdlib-only
 modules; the parent runs it with ``PYTHONPATH=<checkout>`` in ``.venv-trtllm``
-(``bash launch/setup_trtllm.sh``, CUDA machines only). Pinned: ``tensorrt_llm==1.2.1``.
+(``bash launch/setup_trtllm.sh``, CUDA machines only). Pinned: ``tensorrt_llm==1.3.0rc7`` (:data:`PINNED`),
+the first release whose published source and API reference could be checked to have
+``SamplingParams.logprobs_mode`` (``LogprobMode``); 1.2.x (the newest non-rc line) has not: its
+release notes and ``sampling_params.py`` have no log-prob mode, and ``logprobs=K`` there returns the
+top K, not necessarily the sampled token. Because the pin cannot be proven on CPU, the worker checks
+the API before it starts the engine and asks the started engine one tiny greedy request
+(:func:`probe_problem`); either failing, it exits 1 with one line naming the version it found and
+:data:`PINNED`.
 
-Facts this module relies on, read in NVIDIA/TensorRT-LLM (main, and the 1.3.0rc7 API reference):
+Facts this module relies on, read in NVIDIA/TensorRT-LLM (main, and the 1.3.0rc7 API reference:
+``LLM(model, skip_tokenizer_init, tensor_parallel_size, dtype, **kwargs)`` with ``max_batch_size``,
+``max_seq_len``, ``max_num_tokens``, ``kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=...)``;
+``SamplingParams(end_id, pad_id, max_tokens, bad_token_ids, stop_token_ids,
+include_stop_str_in_output, n, logprobs_mode, top_k, top_p, seed, temperature, logprobs, detokenize)``;
+``CompletionOutput(index, token_ids, logprobs, finish_reason, stop_reason)``; no ``quant_config``
+argument on the PyTorch-backend LLM):
 
 * ``tensorrt_llm/llmapi/llm.py`` ``_prepare_sampling_params``: with no tokenizer
   (``skip_tokenizer_init=True``) every ``SamplingParams`` must carry ``end_id``; nothing is
@@ -26,7 +39,8 @@ Facts this module relies on, read in NVIDIA/TensorRT-LLM (main, and the 1.3.0rc7
   unless ``include_stop_str_in_output`` (``logprobs`` is not cut); ``LENGTH`` -> ``"length"``.
   ``CompletionOutput.logprobs`` is a list (one per output token) of ``{token_id: Logprob}``.
 * ``tensorrt_llm/sampling_params.py`` (1.3.0rc7 API reference; PR #9675, Jan 2026): ``logprobs=K``
-  returns the top-K and the sampled token's log-prob; ``logprobs_mode`` (``LogprobMode.RAW``, the
+  returns the top-K plus the sampled token's log-prob (its last entry when not in the top K;
+  ``logprobs=0``: the sampled token's only); ``logprobs_mode`` (``LogprobMode.RAW``, the
   default) is log-softmax of the model's logits before temperature/top-k/top-p
   (``LogprobMode.PROCESSED``: after them; the sampler tests apply the temperature only for
   PROCESSED). Older releases return top-K only, without the sampled token. The RAW numbers
@@ -43,33 +57,43 @@ in ``logprobs``); an end-id stop without the token is refused, not patched.
 
 FP8 (``engine.quantization == "fp8"``): the LLM API's ``quant_config=QuantConfig(quant_algo=
 QuantAlgo.FP8)`` quantises while building a TensorRT *engine* (the legacy ``_tensorrt_engine.LLM``);
-the default PyTorch backend instead runs checkpoints quantised by NVIDIA ModelOpt (docs
+the PyTorch-backend ``LLM`` of 1.3.0rc7 takes no ``quant_config`` (its argument list has none),
+it runs checkpoints quantised by NVIDIA ModelOpt (docs
 ``features/quantization.md``: "Running Pre-quantized Models", "Offline Quantization with
 ModelOpt"; ModelOpt's ``deployment/1_tensorrt_llm``: ``export_hf_checkpoint`` and load the HF
 checkpoint with the PyTorch backend). So :func:`quantize_fp8` calibrates the HF export with
 ``modelopt.torch.quantization.quantize(model, FP8_DEFAULT_CFG, forward_loop)`` on the job's own
 prompts and writes ``modelopt.torch.export.export_hf_checkpoint`` (``hf_quant_config.json`` +
-FP8 safetensors) next to the export, atomically; the engine loads that directory.
+FP8 safetensors) next to the export, atomically; the engine loads that directory. The bf16 model is
+loaded with ``device_map="auto"`` over the step's visible GPUs (``generation.engine_tensor_parallel``
+of them), each capped at :data:`FP8_GPU_FRACTION` of its free memory (:func:`fp8_load_kwargs`): a
+70B model (141 GB) does not fit one 80 GB GPU.
 
 * Seeds: request ``i`` carries ``sample_seed(seed, key, 0)``; TensorRT-LLM draws its ``n``
   samples from it, so outputs do not depend on batching (they are not the in-process engine's).
 * ``SPIN_TRTLLM_WORKER_KILL_AT=<set>:<shard>`` SIGKILLs the worker after generating that shard,
   before writing it (the resume tests' kill in the middle of a shard).
+* SIGUSR1/SIGTERM (SLURM signals every process of the engine's step): the shard in flight is
+  abandoned, the engine shut down, and the worker exits with ``protocol.REQUEUE_EXIT_CODE`` (75).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from spin_mcore.generation.workers.vllm_worker import sample_seed
 
-PINNED = "1.2.1"  # launch/setup_trtllm.sh installs this version
+PINNED = "1.3.0rc7"  # launch/setup_trtllm.sh installs this version (see the module docstring)
 NO_END_ID = -1  # what base_worker sends for ignore_eos: no token ends a request through the END_ID path
 FP8_CALIBRATION_PROMPTS = 128
+FP8_GPU_FRACTION = 0.85  # of each GPU's free memory for bf16 weights; the rest holds calibration activations
+PROBE_TOKENS = 2
 
 
 def llm_kwargs(job, model_dir: str | None = None) -> dict:
@@ -172,15 +196,74 @@ def normalise_output(token_ids, logprobs, finish_reason, stop_reason, stop_ids) 
     return ids, logps, finish_reason
 
 
+class Refused(RuntimeError):
+    """A one-line reason the worker cannot run this job here; main() prints it and exits 1."""
+
+
+def needs_line(found: str, what: str) -> str:
+    """The worker's one-line refusal of a TensorRT-LLM it cannot use: the version found and the one needed."""
+    return (f"trtllm_worker: tensorrt_llm {found} {what}; the worker needs tensorrt_llm=={PINNED} "
+            f"(run `bash launch/setup_trtllm.sh`)")
+
+
+def logprob_mode_problem(trtllm) -> Optional[str]:
+    """The refusal line when ``tensorrt_llm`` cannot be asked for RAW log-probs, else None."""
+    from spin_mcore.generation.workers import engine_check
+
+    problem = engine_check.logprob_mode_problem(trtllm)
+    return None if problem is None else needs_line(getattr(trtllm, "__version__", "?"), problem)
+
+
 def make_sampling_params(trtllm, kw: dict):
     """``SamplingParams(**kw)`` asking for RAW log-probs; RuntimeError on a TensorRT-LLM without ``LogprobMode``."""
+    problem = logprob_mode_problem(trtllm)
+    if problem is not None:
+        raise RuntimeError(problem)
     from tensorrt_llm import sampling_params as sp
 
-    if not hasattr(sp, "LogprobMode"):
-        raise RuntimeError(f"tensorrt_llm {trtllm.__version__} has no SamplingParams.logprobs_mode, so it cannot be "
-                           f"told to return raw log-probs; install tensorrt_llm=={PINNED} "
-                           "(bash launch/setup_trtllm.sh)")
     return trtllm.SamplingParams(**kw, logprobs_mode=sp.LogprobMode.RAW)
+
+
+def check_probe_output(token_ids, logprobs) -> Optional[str]:
+    """Why a greedy probe's output lacks the sampled tokens' raw log-probs (None: it has them).
+
+    Every returned token needs its own entry, finite and <= 0, and, the probe being greedy, the
+    largest of its position's entries (top-K without the sampled token, or processed/scaled
+    values, fail here).
+    """
+    ids, entries = list(token_ids or []), list(logprobs or [])
+    if not ids:
+        return "no token came back"
+    if len(entries) != len(ids):
+        return f"{len(entries)} log-prob entries for {len(ids)} tokens"
+    for pos, (tok, entry) in enumerate(zip(ids, entries)):
+        if not isinstance(entry, dict) or int(tok) not in entry:
+            got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            return f"no entry for the returned token {tok} at position {pos} (entries for {got})"
+        value = _logprob_value(entry[int(tok)])
+        if not math.isfinite(value) or value > 0:
+            return f"log-prob {value} of token {tok} at position {pos} is not a finite value <= 0"
+        best = max(_logprob_value(v) for v in entry.values())
+        if value < best - 1e-4:
+            return f"greedy token {tok} at position {pos} has log-prob {value} below the returned maximum {best}"
+    return None
+
+
+def probe_problem(llm, trtllm, job) -> Optional[str]:
+    """One greedy request of :data:`PROBE_TOKENS` tokens on the job's first prompt; the refusal line or None."""
+    from spin_mcore.generation.workers import protocol
+
+    prompt = next((protocol.read_prompts(s.prompts)[0]["prompt_ids"] for s in job.sets
+                   if protocol.read_prompts(s.prompts)), None)
+    if prompt is None:
+        return None
+    sampling = {**job.sampling, "temperature": 0.0, "num_samples": 1, "max_new_tokens": PROBE_TOKENS}
+    kw = sampling_kwargs(sampling, "probe", protocol.max_tokens(sampling, prompt, job.max_model_len))
+    out = llm.generate([{"prompt_token_ids": prompt}], sampling_params=[make_sampling_params(trtllm, kw)],
+                       use_tqdm=False)[0].outputs[0]
+    detail = check_probe_output(out.token_ids, out.logprobs)
+    return None if detail is None else needs_line(trtllm.__version__, f"did not return the sampled token's raw "
+                                                  f"log-prob (start-up probe: {detail})")
 
 
 def build_llm(trtllm, job, model_dir: str):
@@ -196,6 +279,34 @@ def build_llm(trtllm, job, model_dir: str):
 
 def fp8_dir(job) -> Path:
     return Path(str(job.model).rstrip("/") + "-fp8")
+
+
+def checkpoint_bytes(model_dir: str | Path) -> int:
+    """Size of an HF checkpoint's weights (its safetensors files)."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
+def fp8_load_kwargs(free_bytes: list[int], model_bytes: int) -> dict:
+    """``from_pretrained`` placement for calibration: the model spread over every visible GPU (pure).
+
+    free_bytes: free memory of each GPU the engine's step sees (its ``engine_tensor_parallel`` GPUs);
+    each takes at most :data:`FP8_GPU_FRACTION` of it. No CPU entry: offloaded layers would make the
+    calibration crawl, so a model that does not fit is refused in one line instead.
+    """
+    if not free_bytes:
+        raise Refused("trtllm_worker: generation.engine_quantization=fp8 needs CUDA GPUs, none is visible")
+    caps = {i: int(b * FP8_GPU_FRACTION) for i, b in enumerate(free_bytes)}
+    if sum(caps.values()) < model_bytes:
+        raise Refused(f"trtllm_worker: generation.engine_quantization=fp8: the {model_bytes / 2**30:.1f} GiB model "
+                           f"does not fit {len(caps)} GPU(s) at {FP8_GPU_FRACTION:.0%} of their free memory "
+                           f"({sum(caps.values()) / 2**30:.1f} GiB); raise generation.engine_tensor_parallel")
+    return {"device_map": "auto", "max_memory": caps}
+
+
+def _visible_gpu_free_bytes() -> list[int]:
+    import torch
+
+    return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
 
 
 def quantize_fp8(job) -> Path:
@@ -217,13 +328,15 @@ def quantize_fp8(job) -> Path:
     from spin_mcore.generation.workers import protocol
 
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(job.dtype, torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(job.model, torch_dtype=dtype).cuda().eval()
+    place = fp8_load_kwargs(_visible_gpu_free_bytes(), checkpoint_bytes(job.model))
+    model = AutoModelForCausalLM.from_pretrained(job.model, torch_dtype=dtype, **place).eval()
     calib = [p["prompt_ids"] for s in job.sets for p in protocol.read_prompts(s.prompts)][:FP8_CALIBRATION_PROMPTS]
+    first = model.get_input_embeddings().weight.device  # where the dispatched model takes its input
 
     def forward_loop(m):
         with torch.no_grad():
             for ids in calib:
-                m(torch.tensor([ids], device="cuda"))
+                m(torch.tensor([ids], device=first))
 
     mtq.quantize(model, mtq.FP8_DEFAULT_CFG, forward_loop)
     tmp = out.with_name(out.name + ".tmp")
@@ -266,22 +379,39 @@ def main(argv: list[str]) -> int:
     quant = job.engine.get("quantization")
     if quant not in (None, "fp8"):
         raise ValueError(f"job engine.quantization={quant!r}: TensorRT-LLM worker runs None or 'fp8'")
+    protocol.install_stop_handlers()  # a time-limit signal requeues the job instead of failing it
     try:
         import tensorrt_llm as trtllm
     except ImportError as exc:
         print(f"trtllm_worker: tensorrt_llm cannot be imported by {sys.executable} ({exc}); create the TensorRT-LLM "
               f"environment on a CUDA machine with `bash launch/setup_trtllm.sh`", file=sys.stderr)
         return 1
+    problem = logprob_mode_problem(trtllm)
+    if problem is not None:
+        print(problem, file=sys.stderr, flush=True)
+        return 1
     start = time.perf_counter()
-    model_dir = str(quantize_fp8(job)) if quant == "fp8" else job.model
-    llm = build_llm(trtllm, job, model_dir)
-    load_seconds = round(time.perf_counter() - start, 3)
-    print(f"trtllm_worker: engine up in {load_seconds} s (tensorrt_llm {trtllm.__version__}, "
-          f"{'fp8 ' if quant else ''}{model_dir})", flush=True)
+    llm = None
     try:
+        with protocol.interruptible():
+            model_dir = str(quantize_fp8(job)) if quant == "fp8" else job.model
+            llm = build_llm(trtllm, job, model_dir)
+            problem = probe_problem(llm, trtllm, job)
+        if problem is not None:
+            print(problem, file=sys.stderr, flush=True)
+            return 1
+        load_seconds = round(time.perf_counter() - start, 3)
+        print(f"trtllm_worker: engine up in {load_seconds} s (tensorrt_llm {trtllm.__version__}, "
+              f"{'fp8 ' if quant else ''}{model_dir})", flush=True)
         counts = serve(job, llm, trtllm)
+    except protocol.Stopped as exc:
+        return protocol.stopped_exit("trtllm_worker", exc)
+    except Refused as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return 1
     finally:
-        llm.shutdown()  # BaseLLM.shutdown (llm.py): the executor and its MPI session (tensor_parallel_size > 1)
+        if llm is not None:
+            llm.shutdown()  # BaseLLM.shutdown (llm.py): the executor and its MPI session (tensor_parallel_size > 1)
     if quant == "fp8":
         shutil.rmtree(model_dir, ignore_errors=True)  # every shard is written: a 70B FP8 copy is 70 GB
     atomic_write_json(job.status, {"engine_starts": 1, "load_seconds": load_seconds,

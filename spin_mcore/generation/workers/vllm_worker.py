@@ -14,6 +14,8 @@ vLLM environment, which has no Megatron.
 * On CPU the KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` (GiB), set by the parent.
 * ``SPIN_VLLM_WORKER_KILL_AT=<set>:<shard>`` SIGKILLs the worker after generating that shard,
   before writing it (the resume test's kill in the middle of a shard).
+* SIGUSR1/SIGTERM: the shard in flight is abandoned and the worker exits with
+  ``protocol.REQUEUE_EXIT_CODE`` (75); finished shards stay in the manifest.
 """
 
 from __future__ import annotations
@@ -88,13 +90,18 @@ def main(argv: list[str]) -> int:
     job = protocol.job_from_argv(argv, "vllm_worker")
     if job is None:
         return 2
+    protocol.install_stop_handlers()  # a time-limit signal requeues the job instead of failing it
     start = time.perf_counter()
-    import vllm
+    try:
+        with protocol.interruptible():
+            import vllm
 
-    llm = vllm.LLM(**llm_kwargs(job))
-    load_seconds = round(time.perf_counter() - start, 3)
-    print(f"vllm_worker: engine up in {load_seconds} s (vllm {vllm.__version__})", flush=True)
-    counts = serve(job, llm, vllm)
+            llm = vllm.LLM(**llm_kwargs(job))
+        load_seconds = round(time.perf_counter() - start, 3)
+        print(f"vllm_worker: engine up in {load_seconds} s (vllm {vllm.__version__})", flush=True)
+        counts = serve(job, llm, vllm)
+    except protocol.Stopped as exc:
+        return protocol.stopped_exit("vllm_worker", exc)
     atomic_write_json(job.status, {"engine_starts": 1, "load_seconds": load_seconds, "vllm": vllm.__version__,
                                    **counts})
     return 0
