@@ -52,7 +52,9 @@ setup(
         # The generation engines are not extras: vLLM and TensorRT-LLM pin their own torch and
         # transformers, so each gets its own environment (launch/setup_vllm.sh,
         # launch/setup_trtllm.sh) and runs as a worker. There is no combined [gpu] extra.
-        "te": ["transformer-engine[pytorch]"],
+        # The range megatron-core 0.16.1 asks for (its metadata); TE builds against the installed
+        # torch, so install it with --no-build-isolation (launch/setup_gpu.sh does).
+        "te": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
         "test": ["pytest", "transformers", "trl", "accelerate", "datasets"],
         "eval": ["lm-eval"],
     },
