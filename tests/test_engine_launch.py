@@ -74,6 +74,11 @@ def test_trtllm_worker_runs_under_mpi_with_one_task_per_tp_rank(monkeypatch):
                          "--job-name=spin-engine-trtllm", "--kill-on-bad-exit=1", "--mpi=pmix", "--export=ALL"]
     assert argv[10:] == ["--gpus=8", "/v/bin/trtllm-llmapi-launch", "/v/bin/python", "-m",
                          "spin_mcore.generation.workers.trtllm_worker", "/r/job.json"]
+    # trtllm-llmapi-launch runs `python3 -m tensorrt_llm.llmapi.mgmn_*`: the engine's bin must come first
+    assert env["PATH"].split(os.pathsep)[0] == "/v/bin"
+    g = load_config(overrides=["generation.backend=trtllm", "generation.engine_mpi=pmi2"]).generation
+    argv, _ = external.worker_command(g, Path("/v/bin/python"), Path("/r/job.json"), "cuda", JOB_ENV)
+    assert argv[8] == "--mpi=pmi2" and "--mpi=pmix" not in argv
     # Started locally inside a job, its MPI must not see the training step's SLURM/PMI context.
     g = load_config(overrides=["generation.backend=trtllm", "generation.engine_launcher=local"]).generation
     argv, env = external.worker_command(g, Path("/v/bin/python"), Path("/r/job.json"), "cuda",
@@ -81,9 +86,63 @@ def test_trtllm_worker_runs_under_mpi_with_one_task_per_tp_rank(monkeypatch):
     assert argv[0] == "/v/bin/python" and not [k for k in env if k.startswith(("SLURM_", "PMI", "OMPI_"))]
 
 
+def test_every_launch_puts_the_engine_bin_first_on_path(monkeypatch):
+    monkeypatch.setattr(external.shutil, "which", lambda name: "/usr/bin/srun")
+    for backend in external.ENGINES:
+        for launcher in ("local", "srun"):
+            g = load_config(overrides=[f"generation.backend={backend}",
+                                       f"generation.engine_launcher={launcher}"]).generation
+            _, env = external.worker_command(g, Path("/v/bin/python"), Path("/r/job.json"), "cuda",
+                                             {**JOB_ENV, "PATH": "/usr/bin:/v/bin:/bin"})
+            assert env["PATH"] == "/v/bin:/usr/bin:/bin", (backend, launcher)
+
+
+def test_local_worker_finds_the_engines_python3_first(tmp_path):
+    """A real child process started by run_engine (local launcher) resolves `python3` in the engine's bin."""
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    fake = venv / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "{\\"engine_starts\\": 1, \\"python3\\": \\"$(command -v python3)\\"}" '
+                    '> "$(dirname "$3")/status.json"\n')
+    (venv / "python3").write_text("#!/bin/sh\n")
+    for f in (fake, venv / "python3"):
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    job = tmp_path / "job" / "job.json"
+    job.parent.mkdir()
+    job.write_text("{}")
+    cfg = load_config(overrides=["generation.backend=trtllm", "generation.engine_launcher=local",
+                                 f"generation.python={fake}"])
+    assert external.run_engine(cfg, job, "cuda")["python3"] == str(venv / "python3")
+
+
+def test_a_worker_exit_after_a_stop_signal_or_with_75_is_preemption_not_failure(tmp_path):
+    """Exit 75 (the worker's requeue status) without a signal here, and exit 3 after this process got SIGUSR1:
+    both Preempted (before: WorkerError / a plain return code)."""
+    import signal
+
+    from spin_mcore.platform import preemption
+
+    preemption.reset()
+    proc = subprocess.Popen(["sh", "-c", "exit 75"], start_new_session=True)
+    with pytest.raises(preemption.Preempted, match=r"generation engine \(worker exited with 75"):
+        external._wait(proc)
+    newly = preemption.install()
+    try:
+        proc = subprocess.Popen(["sh", "-c", "sleep 0.5; exit 3"], start_new_session=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with pytest.raises(preemption.Preempted, match=r"preempted by SIGUSR1 after generation engine"):
+            external._wait(proc)
+    finally:
+        preemption.reset()
+        if newly:
+            preemption.uninstall()
+
+
 def test_bad_launcher_settings_are_refused_by_name():
     with pytest.raises(ConfigError, match="generation.engine_launcher='mpirun'"):
         _cfg("generation.engine_launcher=mpirun")
+    with pytest.raises(ConfigError, match=r"generation.engine_mpi='pmix --export=NONE': must be one srun MPI plugin"):
+        _cfg("generation.engine_mpi=pmix --export=NONE")
     with pytest.raises(ConfigError, match="generation.engine_tensor_parallel=0"):
         _cfg("generation.engine_tensor_parallel=0")
     with pytest.raises(ConfigError, match="generation.engine_quantization=fp8: only generation.backend=trtllm"):
