@@ -304,3 +304,21 @@ def test_engine_python_missing_names_the_setup_command(tmp_path):
     cfg = load_config(overrides=["generation.backend=trtllm"])  # the default interpreter is per engine
     with pytest.raises(ConfigError, match=r"generation.python=.venv-trtllm/bin/python: .*bash launch/setup_trtllm.sh"):
         engine_python(cfg.generation)
+
+
+def test_engine_check_vllm_in_the_real_environment():
+    """`<.venv-vllm python> -m ...engine_check vllm`: one JSON line, ok, the installed version (no engine start)."""
+    import subprocess
+
+    _need_vllm_env()
+    proc = subprocess.run([str(VENV_PYTHON), "-m", "spin_mcore.generation.workers.engine_check", "vllm"],
+                          capture_output=True, text=True, cwd=str(ROOT), timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and len(lines) == 1, proc.stdout + proc.stderr[-2000:]
+    assert json.loads(lines[0]) == {"backend": "vllm", "ok": True, "version": "0.32.0", "problems": []}
+    bad = subprocess.run([str(VENV_PYTHON), "-m", "spin_mcore.generation.workers.engine_check", "sglang"],
+                         capture_output=True, text=True, cwd=str(ROOT), timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "usage: python -m spin_mcore.generation.workers.engine_check {vllm|trtllm}")
