@@ -3,7 +3,14 @@
 Layout of a checkpoint directory ``DIR``::
 
     DIR/model/            dist_checkpointing of ``GPTModel.sharded_state_dict()`` (torch_dist)
-    DIR/spin_mcore.json   {"format", "model": ModelConfig fields, "params_dtype", "saved_parallel", **extra}
+    DIR/spin_mcore.json   {"format", "model": ModelConfig fields, "params_dtype", "saved_parallel",
+                           "weights_source", "weights_precision", **extra}
+
+``weights_source`` says where the saved values came from: ``model_params``, or
+``optimizer_main_params`` for a trained model with FP8 parameters, whose own values are FP8 roundings
+of the optimizer's fp32 main params (at SPIN's learning rates much of an iteration's update is below
+the e4m3 spacing, so the iterate is saved from the main params, as bf16). ``weights_precision`` is the
+precision the stored values carry: ``float32``, ``bfloat16`` or ``fp8`` (FP8 values stored dequantised).
 
 Because the weights are stored as globally indexed shards, a checkpoint saved at
 one TP/PP size loads at any other (the padded vocab rows of the embedding and the
@@ -36,7 +43,9 @@ from spin_mcore.utils.io import atomic_write_json, remove_stale_tmp
 FORMAT = "spin_mcore.model/v1"
 META_FILE = "spin_mcore.json"
 WEIGHTS_DIR = "model"
-_RESERVED_KEYS = ("format", "model", "params_dtype", "saved_parallel")
+_RESERVED_KEYS = ("format", "model", "params_dtype", "saved_parallel", "weights_source", "weights_precision")
+MODEL_PARAMS = "model_params"
+MAIN_PARAMS = "optimizer_main_params"
 
 
 class CheckpointError(ValueError):
@@ -110,14 +119,67 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def weights_source(has_fp8_params: bool, optimizer) -> str:
+    """Where a model checkpoint's values come from: the optimizer's fp32 main params when the model's
+    params are FP8 and an optimizer holds main params, else the model params themselves (fp32 or bf16
+    params are the main params, or Megatron's bf16 copy of them after every step)."""
+    return MAIN_PARAMS if has_fp8_params and optimizer is not None else MODEL_PARAMS
+
+
+def weights_precision(source: str, has_fp8_params: bool, params_dtype: torch.dtype) -> str:
+    """The precision the saved values carry (metadata ``weights_precision``): ``fp8`` for FP8 params
+    saved as they are, else the dtype stored (an FP8 param's nominal dtype is bf16)."""
+    if has_fp8_params and source == MODEL_PARAMS:
+        return "fp8"
+    return dtype_name(params_dtype)
+
+
+def swap_sharded_data(sharded_state_dict, replacements: dict) -> int:
+    """Point each ``ShardedTensor`` / factory whose ``data`` is a key of ``replacements`` (by ``id``) at
+    the replacement tensor, in place; Megatron's sharded state dicts hold the parameters themselves
+    (``keep_vars=True``), as its own FP8 dequantise-on-load does. Returns the number replaced."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    count = 0
+    for v in nested_values(sharded_state_dict):
+        data = getattr(v, "data", None)
+        if data is not None and id(data) in replacements:
+            v.data = replacements[id(data)]
+            count += 1
+    return count
+
+
+def _fp8_params(chunks: list) -> list:
+    from spin_mcore.models.fp8 import is_fp8_param
+
+    return [p for c in chunks for p in c.parameters() if is_fp8_param(p)]
+
+
+def _sharded_weights(chunks: list, source: str, fp8_params: list, optimizer) -> dict:
+    """The sharded state dict to save; from ``source`` (see :func:`weights_source`)."""
+    state = chunked_state_dict(chunks, lambda c: c.sharded_state_dict())
+    if source == MAIN_PARAMS:
+        from spin_mcore.training.optimizer import main_param_weights
+
+        replacements = main_param_weights(optimizer, fp8_params)
+        swapped = swap_sharded_data(state, replacements)
+        if swapped != len(replacements):
+            raise CheckpointError(f"save_model_checkpoint: {len(replacements)} FP8 params but {swapped} found in the "
+                                  "model's sharded state dict")
+    return state
+
+
 def save_model_checkpoint(model, pstate, directory: str | Path, model_cfg: ModelConfig,
-                          extra: Optional[dict] = None) -> Path:
+                          extra: Optional[dict] = None, optimizer=None) -> Path:
     """Save this model's weights as a TP/PP-reshardable checkpoint. Collective over all ranks.
 
     ``model`` is this rank's stage (a ``GPTModel``, possibly wrapped in Megatron DDP, or a
     ``ModelChunks`` of them).
     ``extra`` (JSON-serialisable, e.g. ``{"iteration": 3}``) is merged into the metadata;
-    its keys must not clash with ``format``, ``model``, ``params_dtype``, ``saved_parallel``.
+    its keys must not clash with ``format``, ``model``, ``params_dtype``, ``saved_parallel``,
+    ``weights_source``, ``weights_precision``.
+    ``optimizer``: the training optimizer, whose fp32 main params are saved (as bf16) in place of FP8
+    params (:func:`weights_source`); a collective over its DP group. Ignored without FP8 params.
     Returns the final directory. Replaces an existing checkpoint at ``directory`` atomically.
     """
     extra = dict(extra or {})
@@ -137,7 +199,9 @@ def save_model_checkpoint(model, pstate, directory: str | Path, model_cfg: Model
     if _rank() == 0:
         (tmp / WEIGHTS_DIR).mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(chunked_state_dict(chunks, lambda c: c.sharded_state_dict()), str(tmp / WEIGHTS_DIR))
+    fp8_params = _fp8_params(chunks)
+    source = weights_source(bool(fp8_params), optimizer)
+    dist_checkpointing.save(_sharded_weights(chunks, source, fp8_params, optimizer), str(tmp / WEIGHTS_DIR))
     if _rank() == 0:
         params_dtype = next(chunks[0].parameters()).dtype
         saved_parallel = {"tp": pstate.tp, "pp": pstate.pp}
@@ -148,6 +212,8 @@ def save_model_checkpoint(model, pstate, directory: str | Path, model_cfg: Model
             "model": dataclasses.asdict(model_cfg),
             "params_dtype": dtype_name(params_dtype),
             "saved_parallel": saved_parallel,
+            "weights_source": source,
+            "weights_precision": weights_precision(source, bool(fp8_params), params_dtype),
             **extra,
         }
         # Written last: its presence is what marks the weights as complete.
@@ -237,9 +303,12 @@ def load_model_checkpoint(model, pstate, directory: str | Path) -> dict:
     """Load a checkpoint saved at any TP/PP(/VP) into this rank's stage (or its chunks). Collective over all ranks.
 
     Returns the checkpoint metadata (see :func:`read_checkpoint_meta`). Load before
-    building a distributed optimizer, whose fp32 main weights are copied from the model.
+    building a distributed optimizer, whose fp32 main weights are copied from the model (for FP8
+    params: from the loaded values, :func:`~spin_mcore.models.fp8.adopt_loaded_high_precision`).
     """
     from megatron.core import dist_checkpointing
+
+    from spin_mcore.models.fp8 import adopt_loaded_high_precision
 
     directory = Path(directory)
     meta = read_checkpoint_meta(directory)
@@ -254,6 +323,9 @@ def load_model_checkpoint(model, pstate, directory: str | Path) -> dict:
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise CheckpointError(f"{directory}: parameters missing {missing[:5]} / unexpected {unexpected[:5]}")
+        # FP8 params: the optimizer's fp32 main params are seeded from TE's stored init value, which
+        # a model built for loading never initialised; point it at the loaded (unquantised) values.
+        adopt_loaded_high_precision(core, chunk_state)
     return meta
 
 

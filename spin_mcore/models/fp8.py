@@ -175,3 +175,79 @@ def require_fp8_hardware(precision, gpu: bool) -> None:
 
     capability = torch.cuda.get_device_capability() if gpu and torch.cuda.is_available() else None
     check_fp8_hardware(precision, capability, have_transformer_engine())
+
+
+# ----------------------------------------------------------------------------- FP8 parameters and their fp32 main copy
+#
+# Megatron-Core 0.16.1's distributed optimizer seeds each FP8 param's fp32 main param, at construction,
+# from ``param.get_high_precision_init_val()`` when the param has that method (TE attaches it in
+# ``reset_parameters`` with a CPU copy of the init value), and from the dequantised param otherwise
+# (distrib_optimizer.py, ``_build_model_and_main_param_groups``). A model built for loading
+# (``perform_initialization=False``) has uninitialised memory there; a load has to replace it.
+
+
+def is_fp8_param(param) -> bool:
+    """True for a Transformer Engine quantized (FP8) parameter, or one carrying TE's high-precision init value."""
+    from megatron.core.fp8_utils import is_float8tensor
+
+    return hasattr(param, "get_high_precision_init_val") or is_float8tensor(param)
+
+
+def _forget_high_precision(param) -> None:
+    for name in ("get_high_precision_init_val", "clear_high_precision_init_val", "_high_precision_init_val"):
+        param.__dict__.pop(name, None)
+
+
+def _bind_high_precision(param, value) -> None:
+    """Give ``param`` the get/clear pair Megatron calls, returning ``value``.
+
+    ``clear`` removes the pair altogether (TE's leaves ``get`` returning None, which Megatron's later
+    ``hasattr`` checks would then dereference).
+    """
+    from types import MethodType
+
+    def get(self):
+        return value
+
+    def clear(self):
+        _forget_high_precision(self)
+
+    param.get_high_precision_init_val = MethodType(get, param)
+    param.clear_high_precision_init_val = MethodType(clear, param)
+
+
+def adopt_loaded_high_precision(module, loaded: dict) -> int:
+    """After a checkpoint load into ``module``: each param that carries TE's high-precision init value
+    gets the loaded tensor instead, so the optimizer's fp32 main params start from the checkpoint.
+
+    ``loaded``: the state dict the load copied from (``{param name: tensor}``; Megatron's
+    ``dist_checkpointing.load`` returns FP8 entries dequantised, in the checkpoint's precision, so the
+    values are those saved, not their FP8 rounding). Kept on the CPU, as TE keeps its own copy; the
+    copy it replaces is freed. Returns the number of params re-seeded.
+    """
+    import torch
+
+    count = 0
+    for name, param in module.named_parameters():
+        if not hasattr(param, "get_high_precision_init_val"):
+            continue
+        value = loaded.get(name)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(param.shape):
+            _forget_high_precision(param)  # no loaded value: Megatron dequantises the param itself
+            continue
+        _forget_high_precision(param)
+        _bind_high_precision(param, value.detach().to("cpu", copy=True))
+        count += 1
+    return count
+
+
+def drop_high_precision_init_vals(module) -> int:
+    """Remove TE's high-precision init values from ``module``'s params (after a load that keeps no
+    high-precision copy, such as the HF loader): Megatron then seeds the main params by dequantising the
+    loaded FP8 params, instead of from the stale init value. Returns the number of params changed."""
+    count = 0
+    for param in module.parameters():
+        if hasattr(param, "get_high_precision_init_val"):
+            _forget_high_precision(param)
+            count += 1
+    return count

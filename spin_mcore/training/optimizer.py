@@ -335,3 +335,34 @@ def _tp_group():
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_group()
+
+
+def main_param_weights(optimizer, params: list) -> dict:
+    """``{id(param): tensor}``: each of ``params`` rebuilt whole (this TP/PP rank's shape) from the
+    distributed optimizer's fp32 main params, cast to the param's nominal dtype (bf16 for FP8 params).
+
+    Collective over the optimizer's DP group; call it on every DP rank with ``params`` in the same order.
+    Megatron keeps, on each DP rank, the flat slice ``_get_model_param_range_map(p)["param"]`` of a
+    param in ``shard_fp32_from_float16_groups`` (beside ``model_float16_groups``, the pairing its own
+    main-to-model copy uses); every element lives on exactly one rank, so a sum over the group of
+    zero-filled fp32 buffers is exact. One param's fp32 buffer is alive at a time.
+    """
+    if not hasattr(optimizer, "shard_fp32_from_float16_groups"):
+        raise ValueError(f"main_param_weights: {type(optimizer).__name__} keeps no sharded fp32 main params; "
+                         "FP8 params need parallel.distributed_optimizer=true")
+    shards = {id(p): s for model_group, shard_group in zip(optimizer.model_float16_groups,
+                                                            optimizer.shard_fp32_from_float16_groups)
+              for p, s in zip(model_group, shard_group)}
+    group = optimizer.data_parallel_group
+    reduce = torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1
+    out = {}
+    for p in params:
+        full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        shard = shards.get(id(p))
+        if shard is not None:
+            rng = optimizer._get_model_param_range_map(p)["param"]
+            full[rng.start:rng.end] = shard.detach().view(-1)
+        if reduce:
+            torch.distributed.all_reduce(full, group=group)
+        out[id(p)] = full.view(p.shape).to(p.dtype)
+    return out

@@ -71,10 +71,14 @@ def setup_model(cfg, pstate, init_checkpoint: Optional[str] = None, wrap_ddp: bo
         # The directory says what it is: with run.init_from_hf the loop converts theta_0 once,
         # and every later iterate is a spin_mcore checkpoint under the same config.
         if cfg.run.init_from_hf and not is_model_checkpoint(init_checkpoint):
+            from spin_mcore.models.fp8 import drop_high_precision_init_vals
             from spin_mcore.models.hf_convert import load_hf_weights
 
             for chunk in model_chunks(model):  # each chunk knows its global layer numbers
                 load_hf_weights(chunk, pstate, init_checkpoint, cfg.model)
+                # The HF loader keeps no high-precision copy: FP8 params' main params then come from
+                # the loaded (quantised) params, not from TE's never-initialised init value.
+                drop_high_precision_init_vals(chunk)
         else:
             load_model_checkpoint(model, pstate, init_checkpoint)
     chunks = model_chunks(model)
@@ -241,7 +245,9 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
 
     model_dir = (out_dir / "model").absolute()  # the loop records it in eval.json: independent of the cwd
     if not _final_model_saved(model_dir, resumed_at, total_steps):
-        save_model_checkpoint(model, pstate, model_dir, cfg.model,
+        # theta_{t+1} carries the optimizer's fp32 main params (as bf16) when the params are FP8: the
+        # next iteration starts from it, and an FP8 rounding would drop updates below the e4m3 spacing.
+        save_model_checkpoint(model, pstate, model_dir, cfg.model, optimizer=optimizer,
                               extra={"iteration": iteration + 1, "objective": objective, "steps": step})
     return {"steps": step, "total_steps": total_steps, "skipped_steps": skipped, "tokens": tokens_seen,
             "final": last, "model": str(model_dir), "seconds": round(time.perf_counter() - start, 3),
