@@ -95,12 +95,16 @@ def import_initial_model(cfg: Config, pstate, run: RunDir) -> str:
     if not cfg.run.init_from_hf:
         return cfg.run.init_checkpoint
     from spin_mcore.models.checkpoint import save_model_checkpoint
+    from spin_mcore.models.fp8 import without_fp8_params
     from spin_mcore.models.gpt import build_gpt_model
     from spin_mcore.models.hf_convert import load_hf_weights
 
     target = run.theta(0)
     if not (target / "spin_mcore.json").exists():
-        model = build_gpt_model(cfg.model, pstate, cfg.precision, perform_initialization=False)  # all overwritten
+        # FP8 params would round theta_0 to FP8 on its way to the checkpoint: convert in bf16 (the same
+        # layers; training loads it into FP8 params and seeds its fp32 main params from these values).
+        model = build_gpt_model(cfg.model, pstate, without_fp8_params(cfg.precision),
+                                perform_initialization=False)  # all overwritten
         load_hf_weights(model, pstate, cfg.run.init_checkpoint, cfg.model)
         save_model_checkpoint(model, pstate, target, cfg.model, extra={"source": str(cfg.run.init_checkpoint)})
         del model

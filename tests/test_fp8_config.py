@@ -182,3 +182,16 @@ def test_fp8_spin_step_matches_bf16(tmp_path):
     assert abs(res["bf16"] - math.log(2)) < FP8_LOSS_TOL / 4
     assert abs(res["fp8"] - res["bf16"]) < FP8_LOSS_TOL, res
     assert abs(res["fp8"] - math.log(2)) < FP8_LOSS_TOL, res
+
+
+def test_hf_conversion_precision_keeps_the_weights_unquantised():
+    """theta_0's HF conversion (loop.import_initial_model) builds bf16 params where training uses FP8
+    params: an FP8 model would save theta_0 rounded to FP8."""
+    from spin_mcore.models.fp8 import uses_fp8_params, without_fp8_params
+
+    fp8 = _fp8(fp8_scaling="blockwise")
+    converted = without_fp8_params(fp8)
+    assert converted.recipe == "bf16" and not uses_fp8_params(converted)
+    assert converted.fp8_scaling == "blockwise" and fp8.recipe == "fp8"  # a copy; the rest as configured
+    for kept in (_fp8(fp8_param=False), PrecisionConfig(recipe="bf16"), PrecisionConfig(recipe="fp32")):
+        assert without_fp8_params(kept) is kept

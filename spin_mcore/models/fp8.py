@@ -100,6 +100,16 @@ def uses_fp8_params(precision) -> bool:
     return precision.recipe == "fp8" and bool(precision.fp8_param)
 
 
+def without_fp8_params(precision):
+    """``precision`` for a model that only carries weights between files (an HF conversion): bf16 instead
+    of FP8 params, whose storage would round the weights to FP8; unchanged otherwise."""
+    if not uses_fp8_params(precision):
+        return precision
+    import dataclasses
+
+    return dataclasses.replace(precision, recipe="bf16")
+
+
 def megatron_fp8_recipe(precision) -> Optional[str]:
     """Megatron's ``Fp8Recipe`` name of ``precision`` (as :func:`fp8_transformer_kwargs` gives the
     TransformerConfig), or None without FP8: the value ``OptimizerConfig.fp8_recipe`` must carry."""
