@@ -276,7 +276,10 @@ def test_run_checks_on_a_gpu_node():
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_cli_on_this_cpu_machine(tmp_path, capsys):
+def test_cli_on_this_cpu_machine(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU machine running the CPU tests
     assert main(["doctor", *TINY, "platform.device=cpu", f"run.dir={tmp_path / 'run'}", "--json"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("# spin-mcore doctor on ")

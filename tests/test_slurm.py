@@ -167,7 +167,7 @@ def test_dry_run_of_a_four_node_job_prints_every_rank():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     pattern = re.compile(r"^(\S+): RANK=(\d+) LOCAL_RANK=(\d+) WORLD_SIZE=(\d+) MASTER_ADDR=(\S+) MASTER_PORT=(\d+)"
-                         r"\s+\[TP=(\d+) PP=(\d+) CP=(\d+) DP=(\d+)\]\s+(.*)$")
+                         r"(?: \S+=\S*)*\s+\[TP=(\d+) PP=(\d+) CP=(\d+) DP=(\d+)\]\s+(.*)$")
     rows = [m.groups() for m in map(pattern.match, proc.stdout.splitlines()) if m]
     assert len(rows) == 32, proc.stdout
     for rank, (host, r, local, world, addr, port, tp, pp, cp, dp, cmd) in enumerate(rows):
@@ -177,3 +177,97 @@ def test_dry_run_of_a_four_node_job_prints_every_rank():
         # the nodes, DP 1 (Megatron's order tp-cp-ep-dp-pp: TP fastest, PP slowest).
         assert (int(tp), int(pp), int(cp), int(dp)) == (rank % 4, rank // 4, 0, 0)
         assert cmd.endswith("run spin_mcore/configs/spin_llama3_70b.yaml platform.device=cuda train.micro_batch_size=2")
+
+
+def _fake_allocation(**extra) -> dict:
+    """The batch shell of a fake 2-node x 8-task job (environment only), without inherited launch settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "NCCL_", "TORCH_NCCL_", "NVTE_", "SPIN_")) and k != "CUDA_DEVICE_MAX_CONNECTIONS"}
+    env.update(SLURM_JOB_NODELIST="node[01-02]", SLURM_NNODES="2", SLURM_JOB_NUM_NODES="2", SLURM_NTASKS="16",
+               SLURM_TASKS_PER_NODE="8(x2)", SLURM_JOB_ID="77", SLURM_CPUS_PER_TASK="12",
+               SPIN_MCORE=str(Path(sys.executable).with_name("spin-mcore")))
+    env.update(extra)
+    return env
+
+
+LAYOUT_16 = ["parallel.pp=2", "parallel.vp=5"]  # the 70B config (TP4 PP8) brought to 16 ranks
+
+
+def test_dry_run_shows_the_launch_environment_and_srun_options():
+    """Every rank's printed environment carries the communication defaults; a value already set wins."""
+    env = _fake_allocation(NCCL_IB_TIMEOUT="30", NCCL_ASYNC_ERROR_HANDLING="0", SPIN_SRUN_MPI="pmix")
+    proc = subprocess.run(["bash", str(LAUNCH / "spin_70b.sh"), "--dry-run", *LAYOUT_16], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("node0")]
+    assert len(rows) == 16
+    launch_env = ("CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_ASYNC_ERROR_HANDLING=0 NCCL_IB_TIMEOUT=30 "
+                  "NVTE_BWD_LAYERNORM_SM_MARGIN=8 NVTE_FWD_LAYERNORM_SM_MARGIN=8 TORCH_NCCL_ASYNC_ERROR_HANDLING=0 "
+                  "TORCH_NCCL_AVOID_RECORD_STREAMS=1")
+    assert rows[9].startswith(f"node02: RANK=9 LOCAL_RANK=1 WORLD_SIZE=16 MASTER_ADDR=node01 MASTER_PORT=10077 "
+                              f"{launch_env}  [TP=1 PP=1 CP=0 DP=0]")
+    spin = env["SPIN_MCORE"]
+    config = "spin_mcore/configs/spin_llama3_70b.yaml"
+    overrides = "platform.device=cuda parallel.pp=2 parallel.vp=5"
+    assert f"# doctor step: srun --kill-on-bad-exit=1 --mpi=pmix --cpus-per-task=12 --nodes=2 --ntasks=2 " \
+           f"--ntasks-per-node=1 {spin} doctor {config} {overrides}" in proc.stdout.splitlines()
+    assert f"# job step: srun --kill-on-bad-exit=1 --mpi=pmix --cpus-per-task=12 {spin} run {config} {overrides}" \
+        in proc.stdout.splitlines()
+
+
+def _fake_srun(tmp_path: Path, fail_doctor: bool = False) -> Path:
+    """A `srun` on PATH that records its argv and the launch variables it was given, one JSON line per call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text(f"""#!{sys.executable}
+import json, os, sys
+keys = ("CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_AVOID_RECORD_STREAMS",
+        "NCCL_IB_TIMEOUT", "SPIN_JOB_NTASKS", "SPIN_JOB_TASKS_PER_NODE")
+with open({str(tmp_path / "calls.jsonl")!r}, "a") as fh:
+    fh.write(json.dumps({{"argv": sys.argv[1:], "env": {{k: os.environ.get(k) for k in keys}}}}) + "\\n")
+sys.exit(1 if {fail_doctor!r} and "doctor" in sys.argv else 0)
+""")
+    srun.chmod(0o755)
+    return bin_dir
+
+
+def _calls(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+
+
+def test_job_steps_get_cpus_per_task_mpi_and_the_launch_environment(tmp_path):
+    bin_dir = _fake_srun(tmp_path)
+    env = _fake_allocation(PATH=f"{bin_dir}:{os.environ['PATH']}", SPIN_CPUS_PER_TASK="6",
+                           CUDA_DEVICE_MAX_CONNECTIONS="2")
+    proc = subprocess.run(["bash", str(LAUNCH / "spin_70b.sh"), *LAYOUT_16], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doctor, job = _calls(tmp_path)
+    spin = env["SPIN_MCORE"]
+    config = "spin_mcore/configs/spin_llama3_70b.yaml"
+    overrides = ["platform.device=cuda", "parallel.pp=2", "parallel.vp=5"]
+    # No SPIN_SRUN_MPI: no --mpi, the cluster's default. SPIN_CPUS_PER_TASK wins over SLURM_CPUS_PER_TASK.
+    assert doctor["argv"] == ["--kill-on-bad-exit=1", "--cpus-per-task=6", "--nodes=2", "--ntasks=2",
+                              "--ntasks-per-node=1", spin, "doctor", config, *overrides]
+    assert job["argv"] == ["--kill-on-bad-exit=1", "--cpus-per-task=6", spin, "run", config, *overrides]
+    assert job["env"] == {"CUDA_DEVICE_MAX_CONNECTIONS": "2", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+                          "TORCH_NCCL_AVOID_RECORD_STREAMS": "1", "NCCL_IB_TIMEOUT": "22",
+                          "SPIN_JOB_NTASKS": "16", "SPIN_JOB_TASKS_PER_NODE": "8(x2)"}
+
+
+def test_a_failed_doctor_stops_the_job_before_its_step(tmp_path):
+    bin_dir = _fake_srun(tmp_path, fail_doctor=True)
+    env = _fake_allocation(PATH=f"{bin_dir}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(LAUNCH / "spin_70b.sh"), *LAYOUT_16], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == ("spin_job.sh: spin-mcore doctor failed on a node (its table is "
+                                                    "above); the job step was not started")
+    assert [c["argv"][-5] for c in _calls(tmp_path)] == ["doctor"]
+    # SPIN_SKIP_DOCTOR=1: straight to the job step.
+    (tmp_path / "calls.jsonl").unlink()
+    proc = subprocess.run(["bash", str(LAUNCH / "spin_70b.sh"), *LAYOUT_16], env=dict(env, SPIN_SKIP_DOCTOR="1"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert [c["argv"][3] for c in _calls(tmp_path)] == ["run"]
