@@ -354,3 +354,23 @@ def test_srun_style_world_meets_and_matches_the_plan():
             assert got["master"] == [plan[rank]["MASTER_ADDR"], plan[rank]["MASTER_PORT"]] == ["localhost", str(port_for_job(job))]
             assert {k: got[k] for k in ("tp_rank", "pp_rank", "dp_rank")} == {
                 k: plan[rank][k] for k in ("tp_rank", "pp_rank", "dp_rank")}
+
+
+def test_launch_environment_and_the_ranks_cli_show_it(monkeypatch, capsys):
+    from spin_mcore.platform.slurm import launch_environment
+
+    env = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_IB_TIMEOUT": "22", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+           "NVTE_FWD_LAYERNORM_SM_MARGIN": "8", "CUDA_VISIBLE_DEVICES": "0", "HOME": "/root", "NCCLX": "no"}
+    assert launch_environment(env) == {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_IB_TIMEOUT": "22",
+                                       "NVTE_FWD_LAYERNORM_SM_MARGIN": "8", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1"}
+    for key in [k for k in os.environ if launch_environment({k: ""})]:
+        monkeypatch.delenv(key)
+    _set_env(monkeypatch, dict(BATCH, CUDA_DEVICE_MAX_CONNECTIONS="1", NCCL_SOCKET_IFNAME="ib0 eth0"))
+    assert main(["ranks", *TINY_TP4]) == 0
+    ranks = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert ranks[0].startswith("node01: RANK=0 LOCAL_RANK=0 WORLD_SIZE=16 MASTER_ADDR=node01 MASTER_PORT=14242 "
+                               "CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_SOCKET_IFNAME='ib0 eth0'  [TP=0 PP=0 CP=0 DP=0]")
+    assert main(["ranks", "--json", *TINY_TP4]) == 0
+    rank = json.loads(capsys.readouterr().out)["ranks"][3]
+    assert rank["env"] == {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "16", "MASTER_ADDR": "node01",
+                           "MASTER_PORT": "14242", "CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_SOCKET_IFNAME": "ib0 eth0"}
