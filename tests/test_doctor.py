@@ -244,12 +244,16 @@ def test_iteration_write_bytes():
 
 
 def test_check_disk():
-    need = {"model": 10, "train_state": 60, "train_state_count": 3, "hf_export": 0, "total": 70}
-    assert d.check_disk("/x", 700, need, 3).status == "ok"
-    row = d.check_disk("/x", 150, need, 3)
+    gb = 10**9
+    need = {"model": 10 * gb, "train_state": 60 * gb, "train_state_count": 3, "hf_export": 5 * gb, "total": 75 * gb}
+    assert d.check_disk("/x", 700 * gb, need, 3).status == "ok"
+    row = d.check_disk("/x", 150 * gb, need, 3)
     assert row.status == "warn" and "2 of run.iterations=3" in row.detail
-    row = d.check_disk("/x", 69, need, 3)
-    assert row.status == "FAIL" and row.detail.startswith("0.0 GB free at /x; one iteration writes 0.0 GB")
+    row = d.check_disk("/x", 69 * gb, need, 3)
+    assert (row.status, row.detail) == ("FAIL", "69.0 GB free at /x; one iteration writes 75.0 GB (model 10.0 GB, "
+                                        "3 train states 60.0 GB, HF export 5.0 GB)")
+    assert d.check_disk("/x", 3 * 10**12, {**need, "total": 2 * 10**6}, 1).detail.startswith(
+        "3.0 TB free at /x; one iteration writes 2.0 MB")
 
 
 def test_run_checks_on_cpu_skips_the_cuda_rows():

@@ -113,7 +113,11 @@ def _int_env(environ: Mapping[str, str], *names: str) -> Optional[int]:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:,.1f} GB"
+    """Bytes in the largest decimal unit that keeps a digit before the point (tiny test models write kB)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n / 1e3:,.1f} kB"
 
 
 # ----------------------------------------------------------------------------- checks (pure)
