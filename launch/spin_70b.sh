@@ -13,6 +13,9 @@
 # --dry-run. Submit from the spin_mcore checkout, or set SPIN_ROOT to it. The job requeues itself
 # when SLURM's USR1 (10 min before the time limit) or a preemption's SIGTERM stops it: every
 # stage saves and a requeued job resumes from run.dir. See launch/spin_job.sh for the variables.
+# Before the job step, `spin-mcore doctor` checks every node against the config (CUDA, Transformer
+# Engine, apex, NCCL, the engine, the allocation, disk); a FAIL ends the job in seconds with its table
+# in the log (SPIN_SKIP_DOCTOR=1 skips it). Set the GPU environment up with bash launch/setup_gpu.sh.
 #SBATCH --job-name=spin-70b
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=8

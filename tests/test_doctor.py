@@ -4,7 +4,6 @@ of launch/spin_70b.sh whose doctor step fails (the job ends in seconds with the 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 
 from spin_mcore.cli import main
 from spin_mcore.commands import doctor as d
-from spin_mcore.config import ConfigError, load_config
+from spin_mcore.config import load_config
 from spin_mcore.plan.disk import iteration_write_bytes
 from tests.test_slurm import _job_state, slurm_env  # noqa: F401  (slurm_env: the cluster fixture)
 
