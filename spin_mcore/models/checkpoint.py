@@ -155,6 +155,16 @@ def _fp8_params(chunks: list) -> list:
     return [p for c in chunks for p in c.parameters() if is_fp8_param(p)]
 
 
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` or'ed over all ranks: a pipeline stage of bf16 edge layers alone has no FP8 params, yet
+    the checkpoint's one metadata file (rank 0's) must describe every stage."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _sharded_weights(chunks: list, source: str, fp8_params: list, optimizer) -> dict:
     """The sharded state dict to save; from ``source`` (see :func:`weights_source`)."""
     state = chunked_state_dict(chunks, lambda c: c.sharded_state_dict())
@@ -200,7 +210,8 @@ def save_model_checkpoint(model, pstate, directory: str | Path, model_cfg: Model
         (tmp / WEIGHTS_DIR).mkdir(parents=True)
     _barrier()
     fp8_params = _fp8_params(chunks)
-    source = weights_source(bool(fp8_params), optimizer)
+    has_fp8 = _any_rank(bool(fp8_params), next(chunks[0].parameters()).device)
+    source = weights_source(has_fp8, optimizer)
     dist_checkpointing.save(_sharded_weights(chunks, source, fp8_params, optimizer), str(tmp / WEIGHTS_DIR))
     if _rank() == 0:
         params_dtype = next(chunks[0].parameters()).dtype
@@ -213,7 +224,7 @@ def save_model_checkpoint(model, pstate, directory: str | Path, model_cfg: Model
             "params_dtype": dtype_name(params_dtype),
             "saved_parallel": saved_parallel,
             "weights_source": source,
-            "weights_precision": weights_precision(source, bool(fp8_params), params_dtype),
+            "weights_precision": weights_precision(source, has_fp8, params_dtype),
             **extra,
         }
         # Written last: its presence is what marks the weights as complete.
