@@ -84,6 +84,8 @@ def test_fused_kernels_on_gpu_with_transformer_engine(monkeypatch):
     # No GPU here: pretend CUDA + TE for the config (Megatron checks that TE's fused RoPE imports).
     monkeypatch.setattr(gpt, "have_transformer_engine", lambda: True)
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", lambda *a, **k: None)
+    # apex's fused weight-gradient extension present (tests/test_gpu_build_path.py covers its absence)
+    monkeypatch.setattr(gpt, "apex_fused_wgrad_available", lambda: True)
     for setting in ("auto", "on"):
         c = _tconfig(gpu=True, fused_kernels=setting, for_ddp=True)
         assert all(getattr(c, f) is True for f in FUSIONS), {f: getattr(c, f) for f in FUSIONS}
