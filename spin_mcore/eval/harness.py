@@ -50,21 +50,51 @@ def select_tasks(names: Optional[list[str]] = None) -> list[HarnessTask]:
 
 
 def harness_calls(hf_dir: str | Path, tasks: list[HarnessTask], batch_size: int | str = "auto",
-                  device: str = "cuda", dtype: str = "bfloat16", limit: Optional[int] = None) -> list[dict]:
-    """Keyword arguments for one ``lm_eval.simple_evaluate`` call per few-shot setting."""
+                  device: str = "cuda", dtype: str = "bfloat16", limit: Optional[int] = None,
+                  backend: str = "hf", tensor_parallel: int = 1, data_parallel: int = 1,
+                  max_model_len: Optional[int] = None, log_samples: bool = False) -> list[dict]:
+    """Keyword arguments for one ``lm_eval.simple_evaluate`` call per few-shot setting.
+
+    ``backend="hf"``: transformers in this process on ``device`` (small models). ``backend="vllm"``:
+    vLLM with ``tensor_parallel_size`` / ``data_parallel_size`` (run in the engine's environment by
+    :mod:`spin_mcore.eval.harness_worker`); ``device`` is then vLLM's to choose.
+    """
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"harness backend {backend!r}: hf or vllm")
     groups: dict[int, list[str]] = {}
     for t in tasks:
         groups.setdefault(t.num_fewshot, []).append(t.task)
+    if backend == "hf":
+        model_args, extra = f"pretrained={Path(hf_dir)},dtype={dtype}", {"device": device}
+    else:
+        model_args = (f"pretrained={Path(hf_dir)},dtype={dtype},tensor_parallel_size={int(tensor_parallel)},"
+                      f"data_parallel_size={int(data_parallel)}")
+        if max_model_len:
+            model_args += f",max_model_len={int(max_model_len)}"
+        extra = {}
     return [
-        dict(model="hf", model_args=f"pretrained={Path(hf_dir)},dtype={dtype}", tasks=names,
-             num_fewshot=shots, batch_size=batch_size, device=device, limit=limit, log_samples=False)
+        dict(model=backend, model_args=model_args, tasks=names, num_fewshot=shots, batch_size=batch_size,
+             limit=limit, log_samples=log_samples, **extra)
         for shots, names in sorted(groups.items())
     ]
+
+
+def harness_job(calls: list[dict], out: str | Path, include_path: Optional[str | Path] = None) -> dict:
+    """The JSON job of :mod:`spin_mcore.eval.harness_worker`: its calls, local task folder and result file."""
+    return {"calls": calls, "include_path": str(include_path) if include_path else None, "out": str(out)}
+
+
+def local_tasks(names: list[str], num_fewshot: int = 0) -> list[HarnessTask]:
+    """Tasks defined in an ``--include-path`` folder (lm-eval's YAML task files), not leaderboard columns:
+    reported under their own names with all their metrics (``metric`` is left empty)."""
+    return [HarnessTask(n, n, num_fewshot, "") for n in names]
 
 
 def leaderboard_row(results: dict, tasks: list[HarnessTask]) -> dict[str, float]:
     """{column: score in percent, "Average": mean} from merged ``simple_evaluate(...)["results"]``."""
     row = {}
+    if tasks and all(not t.metric for t in tasks):  # local tasks: every metric as the harness named it
+        return {t.column: {k: v for k, v in results.get(t.task, {}).items() if "," in k} for t in tasks}
     for t in tasks:
         if t.task not in results or t.metric not in results[t.task]:
             raise KeyError(f"harness result for {t.task!r} has no metric {t.metric!r}")
