@@ -118,15 +118,31 @@ def write_results(run: RunDir, rows: list[dict], title: str = "SPIN", trajectory
 
 
 def format_table(rows: list[dict], columns: Optional[list[str]] = None) -> str:
-    """Markdown table; floats to 4 decimals. Columns default to the union of row keys in order of appearance."""
+    """Markdown table. Columns default to the union of row keys in order of appearance.
+
+    Floats are formatted per column for its magnitude: 4 decimals, or 3 significant digits
+    (``%.3g``) in a column whose largest non-zero value is below 0.01, such as a learning rate
+    (1e-05 would read 0.0000 with 4 decimals).
+    """
     if columns is None:
         columns = []
         for r in rows:
             columns += [k for k in r if k not in columns]
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    formats = {c: _column_format([r.get(c) for r in rows]) for c in columns}
+    lines += ["| " + " | ".join(_cell(r.get(c), formats[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _column_format(values: list) -> str:
+    floats = [abs(v) for v in values if isinstance(v, float) and v == v and v != 0.0]
+    return ".3g" if floats and max(floats) < 0.01 else ".4f"
+
+
+def _cell(value, spec: str) -> str:
+    if isinstance(value, float):
+        return format(value, spec)
+    return "" if value is None else str(value)
 
 
 def plot_results(rows: list[dict], path: Path, title: str, trajectory: Optional[int] = None) -> None:

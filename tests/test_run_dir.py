@@ -27,6 +27,10 @@ def test_results_table_and_plot(tmp_path):
     assert format_table(rows) == (
         "| model | exact_match | pair_accuracy |\n|---|---|---|\n"
         "| SFT | 0.5000 |  |\n| SPIN iter 1 | 0.6250 | 0.7500 |\n")
+    # A learning-rate column keeps its digits (4 decimals read 1e-05 as 0.0000); a column of 0 stays 0.0000.
+    rates = [{"lr": 1e-05, "beta": 0.1, "skipped": 0.0}, {"lr": 5e-07, "beta": 5.0, "skipped": 0.0}]
+    assert format_table(rates) == ("| lr | beta | skipped |\n|---|---|---|\n"
+                                   "| 1e-05 | 0.1000 | 0.0000 |\n| 5e-07 | 5.0000 | 0.0000 |\n")
     write_results(RunDir(tmp_path), rows)
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "results.jsonl").read_text().count("\n") == 2
