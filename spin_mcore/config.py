@@ -214,7 +214,14 @@ class TrainConfig:
     epochs: int = _f(2, "Epochs per iteration (the paper uses 2).")
     max_steps: Optional[int] = _f(None, "Stop after this many steps (overrides epochs).")
     recompute: bool = _f(False, "Full activation recompute.")
-    save_interval: int = _f(50, "Checkpoint every N steps (and at the end).")
+    save_interval: int = _f(50, "Checkpoint every N steps (not at the last step: the final model checkpoint follows it).")
+    save_interval_minutes: Optional[float] = _f(None, "Also checkpoint when this many minutes have passed since the "
+                                                "last save (or the start); None: by steps only. Rank 0's clock "
+                                                "decides, so every rank saves after the same step.")
+    async_save: str = _f("auto", "Write training checkpoints with Megatron's asynchronous save: the next steps run "
+                         "while a forked writer stores the previous save; at most one in flight, published (done.json) "
+                         "only once every rank's write finished. auto (on: Megatron's async path runs on CUDA and, "
+                         "through spin_mcore's CPU emulation, on CPU/gloo), true, or false (synchronous).")
     keep_checkpoints: int = _f(2, "Complete training checkpoints (train_state/step_*) to keep; older ones are deleted.")
     max_skipped_steps: int = _f(10, "Abort after this many steps skipped for non-finite loss/grad.")
     log_interval: int = _f(1, "Steps between console/TensorBoard log lines.")
@@ -544,6 +551,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}")
     if not 0.0 <= t.warmup_fraction < 1.0:
         raise ConfigError(f"train.warmup_fraction={t.warmup_fraction}: must be in [0, 1)")
+    if t.save_interval < 1:
+        raise ConfigError(f"train.save_interval={t.save_interval}: must be >= 1")
+    if t.save_interval_minutes is not None and not t.save_interval_minutes > 0:
+        raise ConfigError(f"train.save_interval_minutes={t.save_interval_minutes}: must be > 0 (or none)")
+    t.async_save = str(t.async_save).lower()  # a YAML file's bare true/false arrives as a bool
+    _choice("train.async_save", t.async_save, ("auto", "true", "false"))
     si = cfg.selfimprove
     if si.num_samples < 1 or si.max_per_prompt < 1:
         raise ConfigError(f"selfimprove.num_samples={si.num_samples}, selfimprove.max_per_prompt={si.max_per_prompt}: "

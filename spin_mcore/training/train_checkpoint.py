@@ -9,6 +9,15 @@ Layout under ``DIR`` (a run's ``train_state/``)::
 A save writes into a temporary directory, then rank 0 renames it and writes
 ``done.json``; :func:`latest_checkpoint` only returns directories with the marker,
 so a run killed while saving resumes from the previous complete checkpoint.
+
+:class:`CheckpointWriter` saves with Megatron's asynchronous ``dist_checkpointing`` save
+(``async_sharded_save=True`` + ``AsyncCallsQueue``): the state is captured when the save starts
+(device-to-host copy on CUDA; the writer is a forked process, so on CPU the fork's copy-on-write
+pages are the snapshot), the training steps go on while the writer stores it, and the rename +
+``done.json`` run as the request's finalize step, which Megatron calls on every rank only after
+every rank's writer finished. At most one save is in flight. Saves and loads go through Megatron's
+fully-parallel wrappers over the data-parallel group: each DP replica writes (reads) a share of the
+replicated model state instead of every replica writing (reading) all of it.
 The data position is the step number: the sample order is a pure function of the
 seed, so step ``k`` always sees the same records.
 """
@@ -113,19 +122,32 @@ def _rank0_object(obj):
     return box[0]
 
 
-def save_train_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, pstate, loop_state: dict,
-                          keep: int = 2) -> Path:
-    """Collective: save everything needed to resume after ``step`` optimizer steps; returns the directory.
+def _dp_group():
+    """The group over which the model state is replicated (data parallel, with context parallel)."""
+    from megatron.core import parallel_state
 
-    ``loop_state`` (JSON-able dict: skipped steps, tokens seen, ...) is stored with the scheduler state.
-    Keeps the newest ``keep`` complete checkpoints.
-    """
-    from megatron.core import dist_checkpointing
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
-    from spin_mcore.models.chunks import sync_params
 
-    root = Path(root)
-    final = step_dir(root, step)
+def _save_strategy():
+    """torch_dist, fully parallel over the DP group; one object per run, so its save plan is cached."""
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    return FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy("torch_dist", 1), _dp_group(),
+                                            do_cache_distribution=True)
+
+
+def _load_strategy(directory: Path):
+    """The checkpoint's own load strategy, fully parallel over the DP group (each replica reads a share)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(directory)), _dp_group())
+
+
+def _prepare_tmp(root: Path, final: Path, pstate) -> Path:
+    """Collective: an empty ``step_N.tmp`` for this save; stale temporaries and an incomplete ``final`` removed."""
     tmp = root / f"{final.name}.tmp"
     if pstate.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -135,11 +157,11 @@ def save_train_checkpoint(root: str | Path, step: int, model, optimizer, schedul
             shutil.rmtree(final)
         tmp.mkdir()
     _barrier()
-    sync_params(model)  # overlap_param_gather: the last step's all-gather may still be pending
-    state = _sharded_state(model, optimizer, pstate, is_loading=False, with_rng=True)
-    state["scheduler"] = scheduler.state_dict()
-    state["loop"] = dict(_rank0_object(loop_state), step=step, world_size=pstate.world_size)
-    dist_checkpointing.save(state, str(tmp))
+    return tmp
+
+
+def _publish(root: Path, tmp: Path, final: Path, step: int, pstate, keep: int) -> None:
+    """Collective, after every rank's write finished: rank 0 renames ``tmp`` and writes ``done.json``; prunes old ones."""
     _barrier()
     if pstate.rank == 0:
         tmp.rename(final)
@@ -148,7 +170,118 @@ def save_train_checkpoint(root: str | Path, step: int, model, optimizer, schedul
         for old in complete[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
-    return final
+
+
+def _full_state(step: int, model, optimizer, scheduler, pstate, loop_state: dict) -> dict:
+    """The sharded state to save after ``step`` steps (captured now; the async writer stores this snapshot)."""
+    from spin_mcore.models.chunks import sync_params
+
+    sync_params(model)  # overlap_param_gather: the last step's all-gather may still be pending
+    state = _sharded_state(model, optimizer, pstate, is_loading=False, with_rng=True)
+    state["scheduler"] = scheduler.state_dict()
+    state["loop"] = dict(_rank0_object(loop_state), step=step, world_size=pstate.world_size)
+    return state
+
+
+class CheckpointWriter:
+    """Training-state saves under ``root``: synchronous, or asynchronous with at most one in flight.
+
+    Every method is collective (all ranks call it at the same step). ``save`` returns once the
+    state is captured; with ``async_save`` the files are written in the background and published
+    by a later :meth:`poll` (once all ranks' writers finished) or :meth:`finish` (waits for it).
+    """
+
+    def __init__(self, root: str | Path, pstate, keep: int = 2, async_save: bool = False):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.root, self.pstate, self.keep = Path(root), pstate, keep
+        self.strategy = _save_strategy()
+        # Temporal (fork per save), not persistent: a spawned persistent worker would receive the
+        # tensors through shared memory, which on CPU are the live parameters, not a snapshot.
+        self.queue = AsyncCallsQueue(persistent=False) if async_save else None
+        self.in_flight: Optional[int] = None  # the step whose save is being written
+        self.published: Optional[Path] = None  # the newest checkpoint this writer published
+
+    def save(self, step: int, model, optimizer, scheduler, loop_state: dict) -> None:
+        """Start (async) or do (sync) the save of the state after ``step`` steps."""
+        from functools import partial
+
+        from megatron.core import dist_checkpointing
+
+        self.finish()  # at most one in flight: the previous save is published first
+        final = step_dir(self.root, step)
+        tmp = _prepare_tmp(self.root, final, self.pstate)
+        state = _full_state(step, model, optimizer, scheduler, self.pstate, loop_state)
+        publish = partial(_publish, self.root, tmp, final, step, self.pstate, self.keep)
+        if self.queue is None:
+            dist_checkpointing.save(state, str(tmp), sharded_strategy=self.strategy)
+            publish()
+            self.published = final
+            return
+        request = dist_checkpointing.save(state, str(tmp), sharded_strategy=self.strategy, async_sharded_save=True)
+        request.add_finalize_fn(publish)  # runs after Megatron's own finalize (metadata), on every rank
+        self.queue.schedule_async_request(request)
+        self.in_flight = step
+
+    def poll(self) -> Optional[Path]:
+        """Publish the in-flight save if every rank's writer finished (one all-reduce); its directory or None."""
+        return self._finalize(blocking=False)
+
+    def finish(self) -> Optional[Path]:
+        """Wait for the in-flight save (if any) and publish it; its directory or None."""
+        return self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> Optional[Path]:
+        if self.in_flight is None:
+            return None
+        if not self.queue.maybe_finalize_async_calls(blocking=blocking):
+            return None
+        self.published, self.in_flight = step_dir(self.root, self.in_flight), None
+        return self.published
+
+    def abort(self) -> None:
+        """Not collective (an error path): kill this rank's writer; its save stays unpublished (never loaded)."""
+        if self.queue is not None and self.in_flight is not None:
+            for call in self.queue.async_calls:
+                call.async_caller.close(abort=True)
+            self.queue.async_calls.clear()
+            self.in_flight = None
+
+
+def save_train_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, pstate, loop_state: dict,
+                          keep: int = 2) -> Path:
+    """Collective, synchronous: save everything needed to resume after ``step`` optimizer steps; returns the directory.
+
+    ``loop_state`` (JSON-able dict: skipped steps, tokens seen, ...) is stored with the scheduler state.
+    Keeps the newest ``keep`` complete checkpoints.
+    """
+    CheckpointWriter(root, pstate, keep).save(step, model, optimizer, scheduler, loop_state)
+    return step_dir(root, step)
+
+
+def prune_train_state(iter_dir: str | Path, keep_newest: bool = True) -> list[Path]:
+    """Delete an evaluated iteration's resumable checkpoints (``iter_dir/train_state`` or ``iter_dir/train/train_state``).
+
+    Not collective: call it on one rank (or on every rank sharing nothing). Once an iteration's model
+    is saved and evaluated its train_state is never loaded again; each is the size of the model
+    plus the optimizer state. ``keep_newest`` keeps the newest complete checkpoint (a run directory
+    can then still be inspected or the iteration re-trained from its end). Incomplete ``*.tmp``
+    saves always go. Returns the deleted directories.
+    """
+    iter_dir = Path(iter_dir)
+    root = iter_dir if iter_dir.name == "train_state" else iter_dir / "train_state"
+    if not root.is_dir() and (iter_dir / "train" / "train_state").is_dir():
+        root = iter_dir / "train" / "train_state"
+    if not root.is_dir():
+        return []
+    newest = latest_checkpoint(root) if keep_newest else None
+    doomed = sorted(p for p in root.iterdir() if p.is_dir() and p != newest
+                    and (_STEP_DIR.match(p.name) or p.name.endswith(".tmp") or ".tmp" in p.name))
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    if not keep_newest and not any(root.iterdir()):
+        root.rmdir()
+    return doomed
 
 
 def load_train_checkpoint(directory: str | Path, model, optimizer, scheduler, pstate) -> dict:
@@ -163,7 +296,7 @@ def load_train_checkpoint(directory: str | Path, model, optimizer, scheduler, ps
         raise FileNotFoundError(f"{directory}: not a complete training checkpoint (no done.json)")
     same_world = done.get("world_size") == pstate.world_size
     state = _sharded_state(model, optimizer, pstate, is_loading=True, with_rng=same_world)
-    loaded = dist_checkpointing.load(state, str(directory))
+    loaded = dist_checkpointing.load(state, str(directory), sharded_strategy=_load_strategy(directory))
     chunks = bare_chunks(model)
     for bare, chunk_state in zip(chunks, chunk_entries(chunks, loaded["model"])):
         bare.load_state_dict(chunk_state)

@@ -6,12 +6,18 @@ Order of one run:
     setup_model      build this rank's stage, load theta_t, wrap in Megatron DDP
     build_optimizer  RMSProp/Adam in Megatron's wrappers (distributed optimizer when DP > 1)
     resume           the newest complete checkpoint under out_dir/train_state, if any
-    loop             train_step per global batch; metrics; checkpoints every save_interval
-    save             final train_state + the model checkpoint out_dir/model (theta_{t+1})
+    loop             train_step per global batch; metrics; a train_state checkpoint every
+                     save_interval steps or save_interval_minutes, written in the background
+                     (train.async_save) while the next steps run
+    save             the in-flight checkpoint published, then the model checkpoint out_dir/model
+                     (theta_{t+1}); no train_state at the last step, the model is the result
 
 On SIGUSR1/SIGTERM (:mod:`spin_mcore.platform.preemption`) every rank finishes the
-current step, saves a train checkpoint as the save interval would, and raises
-``Preempted``; the next run resumes from it like from any other checkpoint.
+current step, saves a train checkpoint as the save interval would, waits for it to be
+published and raises ``Preempted``; the next run resumes from it like from any other checkpoint.
+A run killed after its last step but before the model is saved resumes from the newest
+published checkpoint and trains the rest again (the same steps: bitwise the same model on CPU).
+A run that finds its complete model (with the loop summary in its metadata) trains nothing.
 
 Where this departs from the paper (Chen et al. 2024, Algorithm 1): nothing in the
 objective. Steps whose loss or gradient is not finite are skipped (no update; the
@@ -33,7 +39,7 @@ from spin_mcore.training.batches import collate, load_examples, make_plan, pad_m
 from spin_mcore.training.metrics import MetricsLogger
 from spin_mcore.training.reference import loss_spec
 from spin_mcore.training.step import STAT_NAMES, rows_per_microbatch, train_step
-from spin_mcore.training.train_checkpoint import latest_checkpoint, load_train_checkpoint, save_train_checkpoint
+from spin_mcore.training.train_checkpoint import CheckpointWriter, latest_checkpoint, load_train_checkpoint
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -96,17 +102,45 @@ def setup_model(cfg, pstate, init_checkpoint: Optional[str] = None, wrap_ddp: bo
     return wrap_chunks(wrapped)
 
 
-def _final_model_saved(model_dir: Path, resumed_at: Optional[int], total_steps: int) -> bool:
-    """True when a run resumed with no step left finds its complete final model already saved.
+def _finished_loop(model_dir: Path, total_steps: int) -> Optional[dict]:
+    """The loop summary stored with a complete final model of this run (``total_steps`` steps), or None.
 
-    Re-saving it would write the whole model again for nothing (a re-run of a finished stage, or
-    a kill between the model save and the caller's next step). Every rank reads the same files.
+    No train_state is saved at the last step, so a re-run of a finished stage (or one killed between
+    the model save and the caller's next step) learns from the model's metadata that nothing is
+    left. Every rank reads the same files.
     """
     from spin_mcore.models.checkpoint import is_model_checkpoint, read_checkpoint_meta
 
-    if resumed_at != total_steps or not is_model_checkpoint(model_dir):
+    if not is_model_checkpoint(model_dir):
+        return None
+    meta = read_checkpoint_meta(model_dir)
+    loop = meta.get("train_loop")
+    if meta.get("steps") != total_steps or not isinstance(loop, dict) or loop.get("total_steps") != total_steps:
+        return None
+    return loop
+
+
+def _minutes_due(since: float, minutes: Optional[float]) -> bool:
+    """Collective when ``minutes`` is set: rank 0's clock says whether ``minutes`` passed since ``since``.
+
+    Each rank's clock would cross the line at a different step; one rank's verdict, broadcast,
+    makes every rank save after the same step (a save is a collective).
+    """
+    if minutes is None:
         return False
-    return read_checkpoint_meta(model_dir).get("steps") == total_steps
+    import torch.distributed as dist
+
+    due = time.monotonic() - since >= minutes * 60.0
+    if not dist.is_initialized():
+        return due
+    flag = torch.tensor([int(due)], dtype=torch.int32)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def use_async_save(t_cfg) -> bool:
+    """train.async_save: ``auto`` is on (Megatron's async save runs on CUDA and, emulated, on CPU/gloo)."""
+    return str(t_cfg.async_save).lower() != "false"
 
 
 def _step_metrics(stats: torch.Tensor, objective: str, grad_norm: float, lr: float, seconds: float,
@@ -150,6 +184,11 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
     examples = load_examples(list(data), objective, need_refs=objective == "spin")
     plan, total_steps = make_plan(len(examples), t_cfg.epochs, t_cfg.seed, t_cfg.global_batch_size,
                                   t_cfg.micro_batch_size, pstate.dp, t_cfg.max_steps)
+    model_dir = (out_dir / "model").absolute()  # the loop records it in eval.json: independent of the cwd
+    done = _finished_loop(model_dir, total_steps)
+    if done is not None:
+        return _summary(total_steps, total_steps, done["skipped"], done["tokens"], done["last"], model_dir, 0.0,
+                        None, objective, t_cfg, plan, bool(t_cfg.pack_sequences), 0)
     spec = loss_spec(cfg, pstate, iteration)
     seq_len = cfg.model.seq_length
     packed = bool(t_cfg.pack_sequences)
@@ -175,11 +214,9 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
     step, skipped, tokens_seen = 0, 0, 0.0
     last: dict = {}  # metrics of the latest step: the summary's "final", kept across resumes
     resume_from = latest_checkpoint(state_root)
-    resumed_at = None  # the step training resumed at, if it resumed
     if resume_from is not None:
         loop = load_train_checkpoint(resume_from, model, optimizer, scheduler, pstate)
         step, skipped, tokens_seen = int(loop["step"]), int(loop["skipped"]), float(loop["tokens"])
-        resumed_at = step
         # A run killed after its last checkpoint resumes with no step left: the summary still
         # reports the last step's metrics, as the uninterrupted run does.
         last = dict(loop.get("last") or {})
@@ -187,14 +224,19 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
             raise ConfigError(f"{resume_from}: was trained for {loop['total_steps']} steps, this config gives "
                               f"{total_steps}; use a fresh output directory")
 
+    writer = CheckpointWriter(state_root, pstate, keep=t_cfg.keep_checkpoints, async_save=use_async_save(t_cfg))
+
     def save_state() -> None:
-        save_train_checkpoint(state_root, step, model, optimizer, scheduler, pstate,
-                              {"skipped": skipped, "tokens": tokens_seen, "total_steps": total_steps, "last": last},
-                              keep=t_cfg.keep_checkpoints)
+        nonlocal last_save
+        writer.save(step, model, optimizer, scheduler,
+                    {"skipped": skipped, "tokens": tokens_seen, "total_steps": total_steps, "last": last})
+        last_save = time.monotonic()
 
     model.train()
     start = time.perf_counter()
+    last_save = time.monotonic()  # save_interval_minutes counts from here, then from each save
     logger = MetricsLogger(out_dir, pstate.is_logging_rank, total_steps, start_step=step)
+    failed = True
     try:
         if resume_from is not None:
             logger.message(f"resumed from {resume_from} at step {step}/{total_steps}")
@@ -229,28 +271,45 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
             last = _step_metrics(result["stats"], objective, result["grad_norm"], lr, seconds, skipped)
             if step % max(t_cfg.log_interval, 1) == 0 or step == total_steps:
                 logger.log(step, last)
-            saved = step % max(t_cfg.save_interval, 1) == 0 or step == total_steps
+            writer.poll()  # publishes the previous save once every rank's writer is done
+            # Not at the last step: the model checkpoint below is the result, and a run killed
+            # before it is written retrains from the newest published checkpoint.
+            saved = step < total_steps and (step % max(t_cfg.save_interval, 1) == 0
+                                            or _minutes_due(last_save, t_cfg.save_interval_minutes))
             if saved:
                 save_state()
             # Collective (one int all-reduced): every rank stops after the same step.
             if step < total_steps and preemption.stop_requested():
                 if not saved:
                     save_state()
+                writer.finish()  # published before the exit: the re-run resumes from this step
                 stop = preemption.preempted(f"training step {step}/{total_steps}")
                 logger.message(f"{stop.signal_name}: stopped after step {step}/{total_steps}, "
                                f"checkpoint saved in {state_root}; re-run to resume")
                 raise stop
+        writer.finish()  # the last interval save is published before the model save
+        failed = False
     finally:
+        if failed:
+            writer.abort()  # its save stays unpublished; a re-run resumes from the one before
         logger.close()
 
-    model_dir = (out_dir / "model").absolute()  # the loop records it in eval.json: independent of the cwd
-    if not _final_model_saved(model_dir, resumed_at, total_steps):
-        # theta_{t+1} carries the optimizer's fp32 main params (as bf16) when the params are FP8: the
-        # next iteration starts from it, and an FP8 rounding would drop updates below the e4m3 spacing.
-        save_model_checkpoint(model, pstate, model_dir, cfg.model, optimizer=optimizer,
-                              extra={"iteration": iteration + 1, "objective": objective, "steps": step})
-    return {"steps": step, "total_steps": total_steps, "skipped_steps": skipped, "tokens": tokens_seen,
-            "final": last, "model": str(model_dir), "seconds": round(time.perf_counter() - start, 3),
+    # theta_{t+1} carries the optimizer's fp32 main params (as bf16) when the params are FP8: the
+    # next iteration starts from it, and an FP8 rounding would drop updates below the e4m3 spacing.
+    # train_loop: what a re-run needs to report this run without training (see _finished_loop).
+    save_model_checkpoint(model, pstate, model_dir, cfg.model, optimizer=optimizer,
+                          extra={"iteration": iteration + 1, "objective": objective, "steps": step,
+                                 "train_loop": {"skipped": skipped, "tokens": tokens_seen, "last": last,
+                                                "total_steps": total_steps}})
+    return _summary(step, total_steps, skipped, tokens_seen, last, model_dir, time.perf_counter() - start,
+                    resume_from, objective, t_cfg, plan, packed, positions)
+
+
+def _summary(step, total_steps, skipped, tokens, last, model_dir, seconds, resume_from, objective, t_cfg, plan,
+             packed, positions) -> dict:
+    """train()'s result (the same on every rank)."""
+    return {"steps": step, "total_steps": total_steps, "skipped_steps": skipped, "tokens": tokens,
+            "final": last, "model": str(model_dir), "seconds": round(seconds, 3),
             "resumed_from": str(resume_from) if resume_from else None,
             "rows_per_microbatch": 1 if packed else rows_per_microbatch(objective, t_cfg.micro_batch_size),
             "num_microbatches": plan.num_microbatches, "packed": packed, "positions_this_rank": positions}
