@@ -27,7 +27,7 @@ from spin_mcore.utils.io import atomic_write_figure, atomic_write_json, atomic_w
 
 # Fields that do not change results: a run may resume with other values.
 _RESUMABLE_FIELDS = {("run", "nproc"), ("run", "iterations"), ("train", "log_interval"), ("train", "save_interval"),
-                     ("platform", "dist_timeout_minutes")}
+                     ("train", "save_interval_minutes"), ("train", "async_save"), ("platform", "dist_timeout_minutes")}
 
 
 class RunConfigMismatchError(ValueError):

@@ -108,7 +108,7 @@ def test_quiet_repeated_warnings_leaves_rank_0_alone():
 
 
 def _dp2_train(tmp: str) -> dict:
-    """Rank r: train 4 steps at DP 2 with checkpoints every 2 steps; Megatron's warnings captured."""
+    """Rank r: train 5 steps at DP 2 with checkpoints after steps 2 and 4; Megatron's warnings captured."""
     import torch.distributed as dist
 
     from spin_mcore.config import load_config
@@ -124,7 +124,7 @@ def _dp2_train(tmp: str) -> dict:
 
     logging.getLogger("megatron.core.dist_checkpointing").addHandler(Keep(logging.WARNING))
     cfg = load_config(overrides=["model.preset=tiny", "model.seq_length=24", "train.lr=[0.001]", "run.nproc=2",
-                                 "train.micro_batch_size=1", "train.global_batch_size=4", "train.max_steps=4",
+                                 "train.micro_batch_size=1", "train.global_batch_size=4", "train.max_steps=5",
                                  "train.save_interval=2", "train.keep_checkpoints=2", "spin.beta=[0.5]"])
     pstate = init_distributed(cfg.parallel, seed=cfg.train.seed)
     tmp = Path(tmp)
@@ -142,7 +142,7 @@ def _dp2_train(tmp: str) -> dict:
     import torch
 
     optimizer = build_optimizer(cfg.train, [model], 1e-3, cfg.parallel.distributed_optimizer, torch.float32)
-    scheduler = build_lr_schedule(optimizer, 1e-3, 4, cfg.train.warmup_fraction)
+    scheduler = build_lr_schedule(optimizer, 1e-3, 5, cfg.train.warmup_fraction)
     loop = load_train_checkpoint(latest_checkpoint(tmp / "out" / "train_state"), model, optimizer, scheduler, pstate)
     return {"messages": messages, "loop": loop}
 

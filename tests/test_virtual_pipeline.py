@@ -86,8 +86,9 @@ def _vp_worker(tmp: str) -> dict:
     cfg_r = _cfg(VP + ["train.save_interval=1"])
     train(cfg_r, pstate, [tmp / "ref"], str(tmp / "init"), tmp / "run_vp_resumed")
     if pstate.rank == 0:
+        # No train_state is saved at the last step (the model save follows): without the model the
+        # run resumes from the newest step checkpoint, step STEPS - 1.
         shutil.rmtree(tmp / "run_vp_resumed" / "model")
-        shutil.rmtree(tmp / "run_vp_resumed" / "train_state" / f"step_{STEPS:08d}")
     torch.distributed.barrier()
     resumed = train(cfg_r, pstate, [tmp / "ref"], str(tmp / "init"), tmp / "run_vp_resumed")
 

@@ -9,7 +9,7 @@ checkpoints hold bf16 weights, 4 for fp32):
   weights (``w``), the optimizer's fp32 main params (4, none for fp32 runs, which step the params
   themselves) and its moments (Adam 8, RMSProp 4) per parameter; gradients are not saved. A save is
   complete before older ones are pruned, so ``train.keep_checkpoints + 1`` exist at the peak.
-  ``keep_checkpoints=0`` keeps every one: one per ``train.save_interval`` steps (and the last), counted
+  ``keep_checkpoints=0`` keeps every one: one per ``train.save_interval`` steps (none at the last step, where the model save follows), counted
   from ``data.num_prompts`` / ``train.max_steps`` when given, else as ``keep_checkpoints=1`` would (noted).
 * ``hf_export``: the HF safetensors export an external engine (``generation.backend`` vllm / trtllm)
   loads, ``N * w``, plus ``N`` bytes for the FP8 copy ``generation.engine_quantization=fp8`` makes.
@@ -43,7 +43,7 @@ def _saves_kept(cfg) -> tuple[int, str]:
         steps = -(-pairs * t.epochs // t.global_batch_size)
     if steps is None:
         return 2, "train.keep_checkpoints=0 keeps every save; step count unknown, counted as 2"
-    return -(-steps // t.save_interval), f"train.keep_checkpoints=0: every save of {steps} steps"
+    return max((steps - 1) // t.save_interval, 1), f"train.keep_checkpoints=0: every save of {steps} steps"
 
 
 def iteration_write_bytes(cfg, gpu: bool = True) -> dict:
