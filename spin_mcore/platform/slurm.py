@@ -247,13 +247,13 @@ def plan_ranks(environ: Mapping[str, str], parallel) -> list[dict]:
     ``SLURM_NNODES``. Tasks are placed with SLURM's default block distribution (node 0 gets
     ranks 0..n0-1, ...). Each rank's rendezvous comes from :func:`rendezvous_from_slurm` on the
     environment that task will see, and its tp/pp/cp/dp ranks from Megatron's own
-    ``RankGenerator`` (see :func:`spin_mcore.platform.distributed.parallel_grid`).
+    ``RankGenerator`` (see :func:`spin_mcore.platform.grid.parallel_grid`).
 
     Returns one dict per rank: host, node, RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT, tp_rank, pp_rank, cp_rank, dp_rank. Raises ValueError naming the variable,
     or ConfigError when the world does not split into tp*pp*cp.
     """
-    from spin_mcore.platform.distributed import check_world_size, parallel_grid
+    from spin_mcore.platform.grid import check_world_size, parallel_grid
 
     dist_mode = environ.get("SLURM_DISTRIBUTION", "")
     if dist_mode and not dist_mode.startswith("block"):
