@@ -19,7 +19,8 @@ EXIT_BAD_INPUT = 1
 EXIT_FAILURE = 3
 
 # Order is the order shown in --help.
-COMMANDS = ("demo", "run", "restem", "rpo", "star", "generate", "train", "eval", "convert", "smoke", "ranks", "plan", "doctor")
+COMMANDS = ("demo", "run", "restem", "rpo", "star", "generate", "train", "eval", "convert", "smoke", "ranks", "plan",
+            "report", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,7 @@ from spin_mcore.config import Config, per_iteration
 from spin_mcore.eval.builtin import checker_for, exact_match, decode_responses, heldout_nll, pair_metrics
 from spin_mcore.generation.sampling import sampling_vocab_size
 from spin_mcore.run_dir import RunDir, claim_run_dir, save_eval, write_results
+from spin_mcore.timeline import Timeline
 from spin_mcore.utils.io import read_json
 from spin_mcore.utils.shards import read_stage
 
@@ -144,21 +145,54 @@ def evaluate(cfg: Config, pstate, data: Prepared, checkpoint: str, heldout_pairs
     return out
 
 
-def generate_with_engine(cfg: Config, pstate, run: RunDir, t: int, theta: str, sets: list, tok) -> dict:
+def stage_complete(stage_dir: Path) -> bool:
+    """Whether a sharded stage's manifest says it is complete (a resumed stage then has nothing to do)."""
+    return bool((read_json(Path(stage_dir) / "manifest.json") or {}).get("complete"))
+
+
+def generate_with_engine(cfg: Config, pstate, run: RunDir, t: int, theta: str, sets: list, tok,
+                         timeline: Optional[Timeline] = None) -> dict:
     """Step 1 with an external engine (``generation.backend=vllm|trtllm``): y' for every prompt set of
     iteration t from ONE engine start (:func:`spin_mcore.generation.external.generate_with_engine`).
 
-    sets: ``(name, prompts)``, written to ``iter_t/<name>_generation``. Collective.
+    sets: ``(name, prompts)``, written to ``iter_t/<name>_generation``. Collective. The call is one
+    block here, so the timeline splits it afterwards: ``export`` (loading theta_t and writing the HF
+    export), ``engine_start`` (the engine's own load seconds), ``generation`` (the rest).
     """
     from spin_mcore.generation import external
 
     it_dir = run.iteration(t)
-    engine = external.generate_with_engine(cfg, pstate, lambda: load_policy(cfg, pstate, theta),
-                                           [(n, p, it_dir / f"{n}_generation") for n, p in sets], tok, t, str(theta),
-                                           it_dir)
+    timeline = timeline or Timeline(run.root, pstate)
+    load_span = []
+
+    def load():
+        t0 = time.time()
+        model = load_policy(cfg, pstate, theta)
+        load_span.extend((t0, time.time()))
+        return model
+
+    with timeline.measured() as m:
+        engine = external.generate_with_engine(cfg, pstate, load,
+                                               [(n, p, it_dir / f"{n}_generation") for n, p in sets], tok, t,
+                                               str(theta), it_dir)
+    record_engine_stages(timeline, t, m, load_span, engine)
     _log(pstate, f"iter {t}: {cfg.generation.backend} engine: {engine.get('engine_starts', 0)} start(s), "
                  f"{engine.get('generated_tokens', 0)} tokens")
     return engine
+
+
+def record_engine_stages(timeline: Timeline, t: int, m, load_span: list, engine: dict) -> None:
+    """The engine call is one block here, so its record is split afterwards: ``export`` (loading theta_t,
+    then writing the HF export, which follows the load at once), ``engine_start`` (the engine's own load
+    seconds) and ``generation`` (the rest). Nothing to generate: one resumed ``generation`` record."""
+    if not engine.get("engine_starts", 0) or not load_span:
+        timeline.record(t, "generation", m.start, m.end, resumed=True, set="engine", **m.io())
+        return
+    export_end = load_span[1] + m.export_s
+    engine_end = min(export_end + float(engine.get("load_seconds") or 0.0), m.end)
+    timeline.record(t, "export", m.start, export_end, **m.io())  # planning the job counts here too
+    timeline.record(t, "engine_start", export_end, engine_end)
+    timeline.record(t, "generation", engine_end, m.end, set="engine")
 
 
 def check_engine_agreement(cfg: Config, pstate, run: RunDir, t: int, name: str, ref_dir: Path) -> dict:
@@ -184,22 +218,29 @@ def check_engine_agreement(cfg: Config, pstate, run: RunDir, t: int, name: str, 
 
 
 def generate_and_score(cfg: Config, pstate, run: RunDir, t: int, theta: str, prompts: list, tok, name: str,
-                       extra_pairs: Optional[list] = None) -> Path:
+                       extra_pairs: Optional[list] = None, timeline: Optional[Timeline] = None) -> Path:
     """Steps 1-2 for one prompt set: y' ~ theta_t into ``iter_t/<name>_generation``, then theta_t's log-probs.
 
     ``extra_pairs`` (earlier iterations' generation dirs) are scored by theta_t too: theta_t is
     the reference of every pair trained on in iteration t, whichever iterate generated it.
+    Timeline: ``generation`` (theta_t's load and the in-process engine, or reading the external
+    engine's shards) and ``reference``, each ``resumed`` when its stage was complete before it started.
     """
     from spin_mcore.generation.stage import generate_opponent
     from spin_mcore.training.reference import compute_reference_logprobs
 
+    timeline = timeline or Timeline(run.root, pstate)
     gen_dir = run.iteration(t) / f"{name}_generation"
     ref_dir = run.iteration(t) / f"{name}_reference"
-    model = load_policy(cfg, pstate, theta)
-    summary = generate_opponent(cfg, model, pstate, prompts, tok, gen_dir, t, checkpoint_id=str(theta))
+    with timeline.stage(t, "generation", set=name) as stage:
+        stage.resumed = stage_complete(gen_dir) and stage_complete(ref_dir)
+        model = load_policy(cfg, pstate, theta)
+        summary = generate_opponent(cfg, model, pstate, prompts, tok, gen_dir, t, checkpoint_id=str(theta))
     _log(pstate, f"iter {t}: generated {name}: {summary.get('samples', '?')} samples, "
                  f"{summary.get('tokens_per_s', 0):.0f} tok/s")
-    compute_reference_logprobs(cfg, model, pstate, [gen_dir, *(extra_pairs or [])], ref_dir, model_id=str(theta))
+    with timeline.stage(t, "reference", set=name) as stage:
+        stage.resumed = stage_complete(ref_dir)
+        compute_reference_logprobs(cfg, model, pstate, [gen_dir, *(extra_pairs or [])], ref_dir, model_id=str(theta))
     del model
     gc.collect()
     if cfg.generation.backend != "megatron":
@@ -212,21 +253,27 @@ def run_iteration(cfg: Config, pstate, run: RunDir, t: int, theta: str, data: Pr
     from spin_mcore.training.trainer import train
 
     start = time.perf_counter()
+    timeline = Timeline(run.root, pstate)
     # 1-3. Opponent responses y' ~ theta_t, plus the previous iteration's pairs (paper: 50k -> 100k),
     #      all scored by theta_t; and the same for held-out prompts (evaluation only).
     previous = [run.iteration(t - 1) / "train_generation"] if cfg.spin.keep_previous_iteration and t > 0 else []
     if cfg.generation.backend != "megatron":  # one engine start serves both prompt sets
         generate_with_engine(cfg, pstate, run, t, theta, [("train", data.train), ("heldout", data.heldout)],
-                             data.tokenizer)
-    train_pairs = generate_and_score(cfg, pstate, run, t, theta, data.train, data.tokenizer, "train", previous)
-    heldout_pairs = generate_and_score(cfg, pstate, run, t, theta, data.heldout, data.tokenizer, "heldout")
+                             data.tokenizer, timeline)
+    train_pairs = generate_and_score(cfg, pstate, run, t, theta, data.train, data.tokenizer, "train", previous,
+                                     timeline)
+    heldout_pairs = generate_and_score(cfg, pstate, run, t, theta, data.heldout, data.tokenizer, "heldout",
+                                       timeline=timeline)
     # 4-5. Train E epochs from theta_t; the trainer writes theta_{t+1} as train/model.
-    summary = train(cfg, pstate, [train_pairs], theta, run.train(t), iteration=t)
+    with timeline.stage(t, "training") as stage:
+        stage.resumed = (run.train(t) / "model" / "spin_mcore.json").exists()
+        summary = train(cfg, pstate, [train_pairs], theta, run.train(t), iteration=t)
     theta_next = str(summary.get("model", run.train(t) / "model"))
     # 6. Evaluate theta_{t+1} against theta_t's scores of the held-out pairs.
     heldout_ref = list(read_stage(heldout_pairs))
-    row = evaluate(cfg, pstate, data, theta_next, run.iteration(t) / "heldout_generation", heldout_ref,
-                   run.iteration(t) / "eval_work")
+    with timeline.stage(t, "evaluation"):
+        row = evaluate(cfg, pstate, data, theta_next, run.iteration(t) / "heldout_generation", heldout_ref,
+                       run.iteration(t) / "eval_work")
     row.update(iteration=t + 1, model=f"SPIN iter {t + 1}", beta=float(per_iteration(cfg.spin.beta, t)),
                lr=float(per_iteration(cfg.train.lr, t)), train_steps=summary.get("steps"),
                train_pair_accuracy=(summary.get("final") or {}).get("accuracy"),

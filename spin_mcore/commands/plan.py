@@ -20,6 +20,7 @@ def run(args) -> int:
     from spin_mcore.config import ConfigError, load_config
     from spin_mcore.plan.memory import Layout, ModelShape, Precision
     from spin_mcore.plan.search import SpinWorkload, plan
+    from spin_mcore.plan.stages import RESPONSE_SHARE, StageSettings
     from spin_mcore.plan.throughput import DEFAULT_EFFICIENCY, GPUS
 
     config, overrides = split_config_and_overrides(args)
@@ -29,12 +30,16 @@ def run(args) -> int:
     gpu = GPUS[args.gpu]
     if args.gpus < 1:
         raise ConfigError(f"--gpus {args.gpus}: must be >= 1")
+    if args.fs_gbps <= 0:
+        raise ConfigError(f"--fs-gbps {args.fs_gbps}: must be > 0")
     shape = ModelShape.from_config(cfg.model)
     precision = Precision.from_config(cfg.precision, gpu=True)
     if precision.recipe == "fp8" and gpu.fp8_tflops <= 0:
         raise ConfigError(f"precision.recipe=fp8: --gpu {args.gpu} ({gpu.name}) has no FP8 tensor cores")
     seq = args.seq_tokens or min(cfg.model.seq_length, cfg.data.max_prompt_length + cfg.data.max_response_length)
-    new_tokens = cfg.generation.max_new_tokens
+    # Mean response length: ~30% of the cap unless measured (issue 21's ~300 of 1,024 tokens; a shard at a
+    # time then lasts as long as its longest sample, the cap, which is what its 30% busy share restates).
+    new_tokens = max(1, round(RESPONSE_SHARE * cfg.generation.max_new_tokens))
     if args.measure_data:
         seq, new_tokens = measure_lengths(cfg)
         print(f"spin-mcore plan: measured from {cfg.data.path}: padded row length {seq} tokens, mean response "
@@ -53,7 +58,7 @@ def run(args) -> int:
                        seq=seq, recompute=cfg.train.recompute, sequence_parallel=args.tp > 1)
     result = plan(shape, args.gpus, gpu, precision, cfg.train.optimizer, cfg.train.global_batch_size, seq,
                   args.efficiency or DEFAULT_EFFICIENCY, work, cfg.generation.backend, fixed=fixed, top=args.top,
-                  min_headroom_gb=args.min_headroom_gb)
+                  min_headroom_gb=args.min_headroom_gb, settings=StageSettings.from_config(cfg, args.fs_gbps))
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -91,6 +96,8 @@ def measure_lengths(cfg, draws: int = 2000) -> tuple[int, int]:
 
 def format_plan(result: dict, gpus: int, gpu_name: str) -> str:
     """Human-readable summary of :func:`spin_mcore.plan.search.plan`'s dict."""
+    from spin_mcore.plan.search import PLAN_STAGES
+
     lines = [f"spin-mcore plan: {gpus} x {gpu_name}; {result['fits']} of {result['considered']} layouts fit"]
 
     def layout_str(lay: dict) -> str:
@@ -115,8 +122,8 @@ def format_plan(result: dict, gpus: int, gpu_name: str) -> str:
             f"{m['grads']:.1f}, main params {m['main_params']:.1f}, optimizer {m['optimizer_state']:.1f}, "
             f"activations {m['activations']:.1f}, logits {m['logits']:.1f}, reserved {m['reserved']:.1f}); "
             f"headroom {m['headroom']:.1f} GB",
-            f"  hours per SPIN iteration: {h['total']:.2f} = generation {h['generation']:.2f} (estimate) + "
-            f"reference pass {h['reference']:.2f} + training {h['training']:.2f}",
+            f"  hours per SPIN iteration: {h['total']:.2f} = "
+            + " + ".join(f"{name.replace('_', ' ')} {h[name]:.3f}" for name in PLAN_STAGES),
             f"  generation estimate source: {h['generation_source']}",
             f"  launch with (e.g. launch/spin_70b.sh for the 70B config): parallel.tp={best['layout']['tp']} parallel.pp={best['layout']['pp']}"
             + (f" parallel.vp={best['layout']['vp']}" if best['layout']['vp'] > 1 else "")
@@ -137,7 +144,8 @@ def register(sub) -> None:
     p = sub.add_parser("plan", help="memory, throughput and hours per SPIN iteration for a model and GPU count",
                        description="Search the TP/PP/VP/micro-batch/recompute layouts of --gpus GPUs for the config's "
                        "model, keep those that fit in memory, rank them by predicted training tokens/s/GPU, and "
-                       "estimate hours per SPIN iteration (generation, reference pass, training). No GPU needed.")
+                       "estimate hours per SPIN iteration stage by stage (export, engine start, generation, reference pass, "
+                       "training, checkpoint stalls, evaluation: the stage names of RUN/timeline.jsonl). No GPU needed.")
     add_config_args(p)
     p.add_argument("--gpus", type=int, default=8, help="GPU count (default 8)")
     p.add_argument("--gpu", default="h100", help="GPU type: h100, h200, a100 (default h100)")
@@ -156,6 +164,9 @@ def register(sub) -> None:
                    help="achieved fraction of peak FLOP/s (default: calibrated on Megatron-Bridge's 70B FP8 run)")
     p.add_argument("--min-headroom-gb", type=float, default=4.0,
                    help="memory a layout must leave free beyond the 4 GB reserve to count as fitting (default 4)")
+    p.add_argument("--fs-gbps", type=float, default=2.0,
+                   help="shared file-system bandwidth per node in GB/s, for model loads, the export, the engine "
+                        "start and checkpoint saves (default 2)")
     p.add_argument("--top", type=int, default=5, help="layouts to show (best + alternatives)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)

@@ -1,11 +1,18 @@
 """Every layout of a GPU count, the ones that fit, ranked; hours per SPIN iteration.
 
-One SPIN iteration (Chen et al. 2024, Sec. 5.1; ARCHITECTURE.md "Data flow"):
+One SPIN iteration (Chen et al. 2024, Sec. 5.1; ARCHITECTURE.md "Data flow"), stage by stage under the
+names of the run's timeline (:data:`PLAN_STAGES` is :data:`spin_mcore.timeline.STAGES`):
 
-* generation: ``prompts x samples x new tokens`` output tokens from the engine (an estimate, with its source);
+* export, engine start: theta_t as HF safetensors and the engine instances reading it
+  (:mod:`spin_mcore.plan.stages`), plus the model load the export does;
+* generation: ``prompts x samples x new tokens`` output tokens from the engine instances at the fraction
+  of their slots the feed keeps busy (an estimate, with its source);
 * reference pass: one forward (2N/token) of theta_t over both sequences of every training pair,
-  this iteration's and the previous iteration's (``spin.keep_previous_iteration``: 50k -> 100k pairs);
-* training: ``epochs`` passes (6N/token, +2N under recompute) over the same pairs.
+  this iteration's and the previous iteration's (``spin.keep_previous_iteration``: 50k -> 100k pairs),
+  plus the model loads of the reference stages;
+* training: ``epochs`` passes (6N/token, +2N under recompute) over the same pairs, plus the trainer's load;
+* checkpoint: training stalled in saves;
+* evaluation: theta_{t+1}'s load and a forward pass over the held-out pairs.
 
 Rows are counted at their padded length ``seq`` (``--seq-tokens``; default the data section's prompt +
 response limits, capped at ``model.seq_length``): an upper bound, since ``train.pad_to_longest`` pads a
@@ -17,8 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+from spin_mcore.plan import stages as st
 from spin_mcore.plan.memory import Layout, MemoryBreakdown, ModelShape, Precision, memory_per_gpu
+from spin_mcore.plan.stages import StageSettings
 from spin_mcore.plan.throughput import GPU, StepTime, step_time
+from spin_mcore.timeline import STAGES
+
+# The planner's stages are the timeline's, by name and order (tests/test_timeline.py).
+PLAN_STAGES = STAGES
 
 # Generation throughput per engine instance (output tokens/s), with where the number comes from.
 # TensorRT-LLM: NVIDIA's TensorRT-LLM performance overview, Llama-3.1-70B FP8 on 8 x H100 (TP8),
@@ -38,7 +51,7 @@ class SpinWorkload:
     keep_previous: bool = True  # train on this iteration's pairs plus the previous iteration's
     epochs: int = 2
     samples: int = 1
-    new_tokens: int = 1024  # generated tokens per sample (generation.max_new_tokens: an upper bound)
+    new_tokens: int = 307  # mean generated tokens per sample (the command: measured, or 30% of max_new_tokens)
 
     @property
     def pairs(self) -> int:
@@ -55,15 +68,21 @@ class Candidate:
 
 @dataclass
 class IterationHours:
+    """Hours of each stage of :data:`PLAN_STAGES` in one iteration."""
+
+    export: float
+    engine_start: float
     generation: float
     reference: float
     training: float
+    checkpoint: float
+    evaluation: float
     generation_source: str
     notes: list = field(default_factory=list)
 
     @property
     def total(self) -> float:
-        return self.generation + self.reference + self.training
+        return sum(getattr(self, name) for name in PLAN_STAGES)
 
 
 def _divisors(n: int) -> list[int]:
@@ -115,55 +134,82 @@ def rank_layouts(shape: ModelShape, layouts: list[Layout], precision: Precision,
     return fit, over
 
 
-def generation_rate(shape: ModelShape, gpus: int, gpu: GPU, backend: str, precision: Precision,
+def generation_rate(shape: ModelShape, gpus: int, gpu: GPU, settings: StageSettings, precision: Precision,
                     batch: int = 64) -> tuple[float, str]:
-    """(output tokens/s of all ``gpus`` together, where the figure comes from)."""
+    """(output tokens/s of all engine instances together, at the share of slots their feed keeps busy; source)."""
     params = shape.total_params()
-    if backend in ENGINE_SOURCES:
-        rate, per, source = ENGINE_SOURCES[backend]
-        instances = max(1, gpus // per)
-        # Decode is weight-bandwidth bound: scale the 70B figure by model size (an assumption).
-        return rate * instances * (70.6e9 / params), source
+    busy, feed = st.engine_busy(settings)
+    drain = (f"; {feed} feed: {busy:.0%} of the engine's slots busy (" + (
+        "shard at a time: each shard lasts as long as its longest sample" if feed == "shard"
+        else "a window of prompts across shard boundaries") + ")")
+    if settings.backend in ENGINE_SOURCES:
+        rate, per, source = ENGINE_SOURCES[settings.backend]
+        instances = settings.instances(gpus, gpu.gpus_per_node)
+        # Per GPU of the published TP-8 FP8 instance; a bf16 engine at half (decode reads every weight
+        # each step, twice the bytes); decode is weight-bandwidth bound, so scale by model size.
+        per_instance = rate * settings.engine_tp / per * (1.0 if settings.engine_fp8 else 0.5) * (70.6e9 / params)
+        return per_instance * instances * busy, (
+            f"{source}; {instances} instance(s) of TP {settings.engine_tp}, "
+            f"{'fp8' if settings.engine_fp8 else 'bf16 (half the fp8 rate)'}" + drain)
     # In-process engine / vLLM: no published 70B figure; a decode roofline at 50% of HBM bandwidth,
-    # ``batch`` sequences per step, one TP8 instance per node.
-    weight_bytes = params * (1.0 if precision.recipe == "fp8" else 2.0)
-    per_node = min(gpus, gpu.gpus_per_node)
-    step_s = weight_bytes / (per_node * gpu.hbm_tbps * 1e12 * 0.5)
-    instances = max(1, gpus // per_node)
-    return batch / step_s * instances, (f"{backend}: no published figure; decode roofline (weights read once "
-                                        f"per decode step at 50% of HBM bandwidth, batch {batch}, one engine "
-                                        f"per {per_node} GPUs): an upper bound on speed, so a lower bound on "
-                                        f"hours (the SPIN paper took 1.45 h on 8 x A100 for 7B, which this "
-                                        f"roofline puts at about 0.2 h at 512 new tokens per prompt)")
+    # ``batch`` sequences per step.
+    fp8 = settings.engine_fp8 if settings.external else precision.recipe == "fp8"
+    weight_bytes = params * (1.0 if fp8 else 2.0)
+    if settings.external:
+        per_instance_gpus = settings.engine_tp
+        instances = settings.instances(gpus, gpu.gpus_per_node)
+    else:
+        per_instance_gpus = min(gpus, gpu.gpus_per_node)
+        instances = max(1, gpus // per_instance_gpus)
+    step_s = weight_bytes / (per_instance_gpus * gpu.hbm_tbps * 1e12 * 0.5)
+    return batch / step_s * instances * busy, (
+        f"{settings.backend}: no published figure; decode roofline (weights read once per decode step at 50% "
+        f"of HBM bandwidth, batch {batch}, {instances} instance(s) of {per_instance_gpus} GPUs): an upper "
+        f"bound on speed, so a lower bound on hours (the SPIN paper took 1.45 h on 8 x A100 for 7B)" + drain)
 
 
 def iteration_hours(shape: ModelShape, cand: Candidate, work: SpinWorkload, precision: Precision, gpu: GPU,
-                    efficiency: float, backend: str, gen_batch: int = 64) -> IterationHours:
-    """Hours of one SPIN iteration at layout ``cand`` (generation, reference pass, training)."""
+                    efficiency: float, settings: StageSettings, gen_batch: int = 64) -> IterationHours:
+    """Hours of each stage of one SPIN iteration at layout ``cand`` (see the module docstring)."""
     lay = cand.layout
+    params = shape.total_params()
     steps = work.pairs * work.epochs / lay.global_batch
     training = steps * cand.step.total
     ref_step = step_time(shape, replace(lay, recompute=False), precision, gpu, efficiency, training=False)
     reference = work.pairs / lay.global_batch * ref_step.total
-    rate, source = generation_rate(shape, lay.gpus, gpu, backend, precision, gen_batch)
+    rate, source = generation_rate(shape, lay.gpus, gpu, settings, precision, gen_batch)
     generation = work.prompts * work.samples * work.new_tokens / rate
-    return IterationHours(generation / 3600, reference / 3600, training / 3600, source)
+    load = st.load_seconds(params, settings, lay.gpus, gpu.gpus_per_node, lay.dp)
+    loads = st.THETA_LOADS["external" if settings.external else "megatron"]
+    out = dict(export=st.export_seconds(params, settings, lay.gpus, gpu.gpus_per_node, lay.pp),
+               engine_start=st.engine_start_seconds(params, settings), generation=generation, reference=reference,
+               training=training,
+               checkpoint=st.checkpoint_seconds(params, settings, lay.gpus, gpu.gpus_per_node, steps, cand.step.total),
+               evaluation=load + settings.eval_pairs / lay.global_batch * ref_step.total)
+    for name, count in loads.items():
+        out[name] += count * load
+    return IterationHours(**{k: v / 3600 for k, v in out.items()}, generation_source=source)
 
 
 def plan(shape: ModelShape, gpus: int, gpu: GPU, precision: Precision, optimizer: str, global_batch: int,
          seq: int, efficiency: float, work: SpinWorkload, backend: str, fixed: Optional[Layout] = None,
-         top: int = 5, reserved_gb: float = 4.0, min_headroom_gb: float = 4.0) -> dict:
-    """The planner's answer as a plain dict (the command prints it or dumps it as JSON)."""
+         top: int = 5, reserved_gb: float = 4.0, min_headroom_gb: float = 4.0,
+         settings: Optional[StageSettings] = None) -> dict:
+    """The planner's answer as a plain dict (the command prints it or dumps it as JSON).
+
+    ``settings``: engine, file-system and checkpoint settings of the non-training stages (default: those
+    of :class:`StageSettings` with ``backend`` and ``optimizer``)."""
+    settings = settings or StageSettings(backend=backend, optimizer=optimizer)
     # The in-process engine generates at the training layout and refuses PP > 1 (commands/run.py).
     max_pp = 1 if backend == "megatron" else 16
     layouts = [fixed] if fixed is not None else enumerate_layouts(shape, gpus, global_batch, seq, gpu, max_pp=max_pp)
     fit, over = rank_layouts(shape, layouts, precision, optimizer, gpu, efficiency, reserved_gb, min_headroom_gb)
     rows = []
     for cand in (fit[:top] if fit else []):
-        hours = iteration_hours(shape, cand, work, precision, gpu, efficiency, backend)
+        hours = iteration_hours(shape, cand, work, precision, gpu, efficiency, settings)
         rows.append(_row(cand, hours))
     result = dict(best=rows[0] if rows else None, alternatives=rows[1:], fits=len(fit), considered=len(layouts),
-                  assumptions=_assumptions(gpu, efficiency, precision, work, seq, min_headroom_gb))
+                  assumptions=_assumptions(gpu, efficiency, precision, work, seq, min_headroom_gb, settings))
     if not fit:
         closest = min(over, key=lambda c: -c.memory.headroom) if over else None
         result["closest_over"] = _row(closest, None) if closest else None
@@ -180,22 +226,38 @@ def _row(cand: Candidate, hours: Optional[IterationHours]) -> dict:
                                  tp_comm=cand.step.tp_comm, dp_comm_exposed=cand.step.dp_comm_exposed),
                memory_gb={k: round(v, 2) for k, v in cand.memory.as_gb().items() if k != "params"})
     if hours is not None:
-        row["hours_per_iteration"] = dict(generation=round(hours.generation, 3), reference=round(hours.reference, 3),
-                                          training=round(hours.training, 3), total=round(hours.total, 3),
-                                          generation_source=hours.generation_source)
+        row["hours_per_iteration"] = {**{name: round(getattr(hours, name), 3) for name in PLAN_STAGES},
+                                      "total": round(hours.total, 3), "generation_source": hours.generation_source}
     return row
 
 
 def _assumptions(gpu: GPU, efficiency: float, precision: Precision, work: SpinWorkload, seq: int,
-                 min_headroom_gb: float) -> list[str]:
-    return [
+                 min_headroom_gb: float, settings: StageSettings) -> list[str]:
+    busy, feed = st.engine_busy(settings)
+    loads = st.THETA_LOADS["external" if settings.external else "megatron"]
+    stage_notes = [
+        f"file system: {settings.fs_gbps:g} GB/s per node (--fs-gbps), all nodes at once; a model load reads "
+        f"N x {settings.weight_bytes} bytes once per DP replica; theta_t loads per iteration as the loop does "
+        f"them today: " + ", ".join(f"{k} {v}" for k, v in loads.items()) + "; evaluation loads theta_{t+1} once",
+        f"engine: {settings.backend}, instances {settings.engine_instances} (generation.engine_instances), TP "
+        f"{settings.engine_tp}, {'fp8' if settings.engine_fp8 else 'export dtype'} weights, {feed} feed "
+        f"({busy:.0%} of slots busy; shard at a time ~30%, windowed ~90%: issue 21); start-up "
+        f"{st.ENGINE_STARTUP_S.get(settings.backend, 120.0):.0f} s plus reading the export",
+        f"checkpoints: train_state every {settings.save_interval} steps (weights + fp32 main params + "
+        f"{settings.optimizer} moments), none at the last step, "
+        + ("asynchronous (stalls only past the next save_interval steps)" if settings.async_save
+           else "synchronous") + "; the model-only save synchronous",
+        f"evaluation: theta_(t+1) load + a forward pass over {settings.eval_pairs} held-out pairs (run.eval_prompts)",
+    ]
+    return stage_notes + [
         f"{gpu.name}: {gpu.bf16_tflops:.0f} bf16 / {gpu.fp8_tflops:.0f} fp8 dense TFLOP/s, achieved fraction "
         f"{efficiency:.3f} (calibrated on Megatron-Bridge Llama-3-70B FP8, 64xH100, 1,664 tokens/s/GPU)",
         f"links: NVLink {gpu.nvlink_gbps:.0f} GB/s inside a node of {gpu.gpus_per_node}, InfiniBand "
         f"{gpu.ib_gbps:.0f} GB/s per GPU between nodes (NCCL ring bus bandwidth)",
         "TP comm exposed (no TE comm overlap); DP comm overlapped with one micro-batch; PP p2p and CP hidden",
         f"rows padded to {seq} tokens; a pair is 2 rows (chosen + rejected)",
-        f"SPIN iteration: {work.prompts} prompts x {work.samples} sample(s) x {work.new_tokens} new tokens; "
+        f"SPIN iteration: {work.prompts} prompts x {work.samples} sample(s) x {work.new_tokens} new tokens (mean: "
+        "--measure-data, else 30% of generation.max_new_tokens); "
         f"{work.pairs} training pairs ({'with' if work.keep_previous else 'without'} the previous iteration's), "
         f"{work.epochs} epochs; reference log-probs cached (one 2N/token pass per iteration, no resident "
         "reference model)",
