@@ -145,3 +145,30 @@ def test_engine_call_is_split_into_export_engine_start_generation(tmp_path):
                    (1, "engine_start", 107.0, 117.0, 10.0, 0, 0, 0, False),
                    (1, "generation", 117.0, 160.0, 43.0, 0, 0, 0, False),
                    (2, "generation", 100.0, 160.0, 0.0, 1, 1000, 2000, True)]
+
+
+def test_restem_loop_records_its_stages(inputs, tmp_path):
+    """The verifier loops record generation, training (with its checkpoint stall) and evaluation per iteration."""
+    from tests.test_selfimprove import _overrides, _run
+
+    run_dir = tmp_path / "restem"
+    _run("restem", _overrides(inputs, run_dir, ["run.iterations=1"]))
+    got = [(r["iteration"], r["stage"], r.get("set"), r["loads"], r["resumed"]) for r in _records(run_dir)]
+    # ReST^EM restarts each iteration from theta_0 (selfimprove.restart_from_base): training loads it once.
+    assert got == [(0, "generation", "train", 1, False), (0, "checkpoint", None, 0, False),
+                   (0, "training", None, 1, False), (0, "evaluation", None, 1, False)]
+
+
+def test_demo_results_show_the_timeline(run, tmp_path):
+    from spin_mcore.demo.experiment import append_timeline
+
+    run_dir, first, _ = run
+    results = tmp_path / "results.md"
+    results.write_text("| model |\n|---|\n| SFT (theta_0) |\n")
+    append_timeline(results, run_dir)
+    text = results.read_text()
+    assert text.startswith("| model |") and "## Where the SPIN iterations' time went" in text
+    assert "| 0 | training |" in text and "| 0 | **total** |" in text
+    assert (run_dir / "timeline.png").stat().st_size > 0
+    append_timeline(results, tmp_path / "no_run")  # no timeline: left as it was
+    assert results.read_text() == text

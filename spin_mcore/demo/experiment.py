@@ -12,7 +12,8 @@ Steps (all through the product's own stages, on the CPU platform):
    compute (the same number of sequences through forward+backward; SPIN's generation cost is
    not charged, which favours the control), once with the SFT recipe (as the paper) and once
    with SPIN's optimizer and LR schedule (so that only the objective differs);
-5. a table (held-out exact match, held-out NLL, pair accuracy) and a PNG plot.
+5. a table (held-out exact match, held-out NLL, pair accuracy) and a PNG plot, followed in
+   ``results.md`` by the SPIN run's timeline (where each iteration's time went; ``spin/timeline.png``).
 """
 
 from __future__ import annotations
@@ -170,6 +171,22 @@ def _prepare_inputs(out: Path, size: DemoSize, seed: int, pstate) -> Path:
     return tok_dir / "tokenizer.model"
 
 
+def append_timeline(results_md: Path, run_root: Path) -> None:
+    """Add the SPIN run's per-iteration timeline table to ``results_md`` and draw ``run_root/timeline.png``
+    (what ``spin-mcore report`` shows); nothing when the run has no timeline yet."""
+    from spin_mcore.timeline import TIMELINE_FILE, TimelineError, format_timeline, plot_timeline, read_timeline
+    from spin_mcore.utils.io import atomic_write_text
+
+    try:
+        records = read_timeline(run_root / TIMELINE_FILE)
+    except TimelineError:
+        return
+    plot_timeline(records, run_root / "timeline.png")
+    text = results_md.read_text(encoding="utf-8").rstrip("\n")
+    atomic_write_text(results_md, f"{text}\n\n## Where the SPIN iterations' time went (spin/timeline.jsonl)\n\n"
+                                  f"{format_timeline(records)}\n")
+
+
 def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool = False,
              overrides: Optional[list[str]] = None, method: str = "spin") -> dict:
     """The whole demo on this rank (collective). Returns {"rows": [...], "sft_history": [...], "seconds"}.
@@ -257,6 +274,7 @@ def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool =
             plot_methods(rows, out / "results.png", "SPIN, ReST^EM, Iterative RPO, STaR vs continued SFT (held-out)")
         from spin_mcore.run_dir import format_table
 
+        append_timeline(out / "results.md", run.root)
         print(format_table(table), flush=True)
         print(f"[demo] table: {out / 'results.md'}  plot: {out / 'results.png'}", flush=True)
     return {"rows": table, "sft_history": history, "seconds": round(time.perf_counter() - start, 1),

@@ -6,6 +6,8 @@
     evaluate_policy(cfg, pstate, data, theta, ..)  greedy / sampled exact match (by the verifier), held-out NLL
     run_verified_loop(cfg, pstate, method, step)   run directory, theta_0 row, per-iteration resume, results
 
+Sampling, training and evaluation append to the run's timeline (``RUN/timeline.jsonl``, :mod:`spin_mcore.timeline`).
+
 The run directory is the SPIN loop's (:mod:`spin_mcore.run_dir`): ``iter_t/<name>_generation``
 (sharded, resumable), ``iter_t/<name>_verified.jsonl`` (one line per sample, written atomically
 once the stage is complete), ``iter_t/train_data.jsonl`` (the records trained on), ``iter_t/train``, ``iter_t/eval.json`` (written last: the iteration
@@ -25,6 +27,7 @@ from typing import Callable, Optional
 from spin_mcore.config import Config, ConfigError
 from spin_mcore.run_dir import RunDir, claim_run_dir, save_eval, write_results
 from spin_mcore.selfimprove.verifiers import Verifier, build_verifier, run_verifier
+from spin_mcore.timeline import Timeline
 from spin_mcore.utils.io import atomic_write_json, atomic_write_text, read_json
 
 
@@ -116,33 +119,42 @@ def sample_and_verify(cfg: Config, pstate, run: RunDir, t: int, theta: str, prom
 
     ``model``: theta_t already loaded (in-process engine). With ``generation.backend=vllm|trtllm`` callers
     pass None, so no Megatron copy stays resident while the engine runs (its export is made from a fresh load).
+    Recorded in the run's timeline as ``generation`` (set ``name``; resumed when the verified file exists).
     """
+    out_file = run.iteration(t) / f"{name}_verified.jsonl"
+    with Timeline(run.root, pstate).stage(t, "generation", set=name) as stage:
+        stage.resumed = out_file.exists()
+        if not stage.resumed:
+            _sample_and_verify(cfg, pstate, run, t, theta, prompts, data, name, k, seed_offset, model, out_file)
+    return [json.loads(line) for line in out_file.read_text(encoding="utf-8").splitlines()]
+
+
+def _sample_and_verify(cfg: Config, pstate, run: RunDir, t: int, theta: str, prompts: list, data: VerifiedData,
+                       name: str, k: int, seed_offset: int, model, out_file: Path) -> None:
+    """The work of :func:`sample_and_verify` when ``out_file`` is not there yet."""
     from spin_mcore.generation.stage import generate_opponent
     from spin_mcore.loop import load_policy
     from spin_mcore.utils.shards import read_stage
 
-    out_file = run.iteration(t) / f"{name}_verified.jsonl"
-    if not out_file.exists():
-        gen_dir = run.iteration(t) / f"{name}_generation"
-        gen_cfg = with_samples(cfg, k, seed_offset)
-        if cfg.generation.backend != "megatron":  # one engine start for this prompt set (vLLM, TensorRT-LLM)
-            from spin_mcore.generation.external import generate_with_engine
+    gen_dir = run.iteration(t) / f"{name}_generation"
+    gen_cfg = with_samples(cfg, k, seed_offset)
+    if cfg.generation.backend != "megatron":  # one engine start for this prompt set (vLLM, TensorRT-LLM)
+        from spin_mcore.generation.external import generate_with_engine
 
-            generate_with_engine(gen_cfg, pstate, lambda: model if model is not None else
-                                 load_policy(cfg, pstate, theta), [(name, prompts, gen_dir)], data.tokenizer, t,
-                                 str(theta), gen_dir)
-        else:
-            own = model is None
-            model = load_policy(cfg, pstate, theta) if own else model
-            generate_opponent(gen_cfg, model, pstate, prompts, data.tokenizer, gen_dir, t, checkpoint_id=str(theta))
-            if own:
-                del model
-                gc.collect()
-        if pstate.rank == 0:
-            verified = verify_records(data.verifier, list(read_stage(gen_dir)), data.references)
-            atomic_write_text(out_file, "".join(json.dumps(r) + "\n" for r in verified))
-        _barrier()
-    return [json.loads(line) for line in out_file.read_text(encoding="utf-8").splitlines()]
+        generate_with_engine(gen_cfg, pstate, lambda: model if model is not None else
+                             load_policy(cfg, pstate, theta), [(name, prompts, gen_dir)], data.tokenizer, t,
+                             str(theta), gen_dir)
+    else:
+        own = model is None
+        model = load_policy(cfg, pstate, theta) if own else model
+        generate_opponent(gen_cfg, model, pstate, prompts, data.tokenizer, gen_dir, t, checkpoint_id=str(theta))
+        if own:
+            del model
+            gc.collect()
+    if pstate.rank == 0:
+        verified = verify_records(data.verifier, list(read_stage(gen_dir)), data.references)
+        atomic_write_text(out_file, "".join(json.dumps(r) + "\n" for r in verified))
+    _barrier()
 
 
 def distinct_n(seqs: list[list], n: int) -> float:
@@ -206,7 +218,10 @@ def train_or_keep(cfg: Config, pstate, records: list[dict], init: str, theta: st
         return theta, None
     if pstate.rank == 0:  # what was trained on, for inspection (and the tests)
         atomic_write_text(Path(out_dir).parent / "train_data.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    summary = train(cfg, pstate, records, init, out_dir, iteration=t)
+    # out_dir is RUN/iter_t/train (RunDir.train): the timeline is RUN's.
+    with Timeline(Path(out_dir).parent.parent, pstate).stage(t, "training") as stage:
+        stage.resumed = (Path(out_dir) / "model" / "spin_mcore.json").exists()
+        summary = train(cfg, pstate, records, init, out_dir, iteration=t)
     return str(summary.get("model", Path(out_dir) / "model")), summary.get("steps")
 
 
@@ -273,8 +288,9 @@ def run_verified_loop(cfg: Config, pstate, method: str, step: IterationFn, force
             row, theta = done["row"], done["theta_next"]
         else:
             theta_next, row = step(cfg, pstate, run, t, theta, theta0, data, log)
-            row = {"iteration": t + 1, "model": f"{method} iter {t + 1}", **row,
-                   **evaluate_policy(cfg, pstate, data, theta_next, run.iteration(t) / "eval_work")}
+            with Timeline(run.root, pstate).stage(t, "evaluation"):
+                metrics = evaluate_policy(cfg, pstate, data, theta_next, run.iteration(t) / "eval_work")
+            row = {"iteration": t + 1, "model": f"{method} iter {t + 1}", **row, **metrics}
             theta = theta_next
             if pstate.is_logging_rank:
                 save_eval(run, t, {"row": row, "theta_next": theta})
