@@ -155,6 +155,11 @@ class GenerationConfig:
     overlong_prompts: str = _f("truncate", "What to do with prompts longer than the context: truncate (left) or reject.")
     engine_tensor_parallel: int = _f(1, "Tensor-parallel size of the external engine (vLLM tensor_parallel_size, "
                                      "TensorRT-LLM tensor_parallel_size): GPUs of its one instance.")
+    engine_instances: Any = _f("auto", "Data-parallel instances of the external engine, each its own worker "
+                               "(an `srun --overlap` step on its node inside a job, led by the rank of its first GPU; a "
+                               "process locally) fed from one work queue of shards. auto: every GPU of the job in "
+                               "TP groups of generation.engine_tensor_parallel that fit a node (nodes x (GPUs per node "
+                               "// engine_tensor_parallel)); 1 on CPU. An int >= 1 sets it (on CUDA at most what fits).")
     python: Optional[str] = _f(None, "Interpreter of the external engine's own environment: the worker runs as "
                                "`<python> -m spin_mcore.generation.workers.<backend>_worker JOB.json`. None: "
                                ".venv-<backend>/bin/python in the checkout (launch/setup_vllm.sh and "
@@ -514,6 +519,9 @@ def validate(cfg: Config) -> None:
                               f"runs quantised engine weights (got backend={g.backend})")
     if g.engine_tensor_parallel < 1:
         raise ConfigError(f"generation.engine_tensor_parallel={g.engine_tensor_parallel}: must be >= 1")
+    if g.engine_instances != "auto" and not (isinstance(g.engine_instances, int) and not isinstance(
+            g.engine_instances, bool) and g.engine_instances >= 1):
+        raise ConfigError(f"generation.engine_instances={g.engine_instances!r}: must be auto or an int >= 1")
     if g.engine_max_num_seqs < 1:
         raise ConfigError(f"generation.engine_max_num_seqs={g.engine_max_num_seqs}: must be >= 1")
     if g.engine_memory_fraction is not None and not 0 < g.engine_memory_fraction <= 1:

@@ -26,6 +26,15 @@ JOB_ENV = {"SLURM_JOB_ID": "4242", "SLURMD_NODENAME": "gpu-node07", "SLURM_NTASK
            "SLURM_STEP_NODELIST": "gpu-node[07-08]", "PATH": os.environ["PATH"]}
 
 
+def _empty_job(path: Path) -> Path:
+    """A job with no prompt sets (the stand-in workers below ignore it), its status beside it."""
+    from spin_mcore.generation.workers import protocol
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return protocol.Job(model="m", dtype="float32", max_model_len=8, engine={}, sampling={}, sets=[],
+                        status=str(path.with_name("status.json"))).save(path)
+
+
 def _cfg(*extra: str):
     return load_config(overrides=["generation.backend=vllm", *extra]).generation
 
@@ -63,6 +72,46 @@ def test_srun_step_command_on_rank_zeros_node_with_the_engines_gpus(monkeypatch)
     assert external.engine_launcher(g, JOB_ENV) == "local"  # no srun on PATH
     with pytest.raises(ConfigError, match="generation.engine_launcher=srun: not inside a SLURM job"):
         external.worker_command(_cfg("generation.engine_launcher=srun"), Path("/p"), Path("/j"), "cpu", {})
+
+
+def test_srun_steps_of_n_instances_on_n_nodes(monkeypatch):
+    """generation.engine_instances=auto on 2 nodes x 8 GPUs at TP 4: 4 instances, each its own srun step on
+    its leader's node, named by index, asking for the first (slot+1)*tp GPUs and keeping its slice."""
+    monkeypatch.setattr(external.shutil, "which", lambda name: "/usr/bin/srun")
+    g = _cfg("generation.engine_tensor_parallel=4")
+    layout = external.instance_layout(g, "cuda", ["gpu-node07"] * 8 + ["gpu-node08"] * 8)
+    assert [(i.index, i.leader, i.node, i.slot) for i in layout] == [
+        (0, 0, "gpu-node07", 0), (1, 4, "gpu-node07", 1), (2, 8, "gpu-node08", 0), (3, 12, "gpu-node08", 1)]
+    got = [external.worker_command(g, Path("/e/python"), Path("/r/job.json"), "cuda", JOB_ENV, instance=i)
+           for i in layout]
+    for inst, (argv, env) in zip(layout, got):
+        assert argv == ["srun", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={inst.node}", "--jobid=4242",
+                        f"--job-name=spin-engine-vllm-{inst.index}", "--kill-on-bad-exit=1", "--export=ALL",
+                        f"--gpus={4 * (inst.slot + 1)}", "/e/python", "-m",
+                        "spin_mcore.generation.workers.vllm_worker", "/r/job.json", str(inst.index)]
+        assert env["SPIN_ENGINE_DEVICE_SLICE"] == f"{4 * inst.slot}:4" and "SLURM_NTASKS" not in env
+    # one instance per node at TP 8: the steps differ by node only
+    g8 = _cfg("generation.engine_tensor_parallel=8")
+    nodes = [external.worker_command(g8, Path("/e/python"), Path("/r/job.json"), "cuda", JOB_ENV, instance=i)[0]
+             for i in external.instance_layout(g8, "cuda", ["gpu-node07"] * 8 + ["gpu-node08"] * 8)]
+    assert [a[4] for a in nodes] == ["--nodelist=gpu-node07", "--nodelist=gpu-node08"]
+    assert all(a[9] == "--gpus=8" for a in nodes)
+    # locally (a child process per instance) the slice picks the node's GPUs the same way
+    _, env = external.worker_command(_cfg("generation.engine_launcher=local", "generation.engine_tensor_parallel=4"),
+                                     Path("/e/python"), Path("/r/job.json"), "cuda", {}, instance=layout[1])
+    assert env["SPIN_ENGINE_DEVICE_SLICE"] == "4:4"
+
+
+def test_device_slice_narrows_the_visible_gpus():
+    from spin_mcore.generation.workers import protocol
+
+    env = {"SPIN_ENGINE_DEVICE_SLICE": "4:4", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+    assert protocol.apply_device_slice(env) == "4,5,6,7" and env["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+    env = {"SPIN_ENGINE_DEVICE_SLICE": "2:2"}
+    assert protocol.apply_device_slice(env) == "2,3"
+    assert protocol.apply_device_slice({}) is None
+    with pytest.raises(RuntimeError, match="SPIN_ENGINE_DEVICE_SLICE=4:4: only 4 GPU"):
+        protocol.apply_device_slice({"SPIN_ENGINE_DEVICE_SLICE": "4:4", "CUDA_VISIBLE_DEVICES": "0,1,2,3"})
 
 
 def test_trtllm_worker_runs_under_mpi_with_one_task_per_tp_rank(monkeypatch):
@@ -107,9 +156,7 @@ def test_local_worker_finds_the_engines_python3_first(tmp_path):
     (venv / "python3").write_text("#!/bin/sh\n")
     for f in (fake, venv / "python3"):
         f.chmod(f.stat().st_mode | stat.S_IEXEC)
-    job = tmp_path / "job" / "job.json"
-    job.parent.mkdir()
-    job.write_text("{}")
+    job = _empty_job(tmp_path / "job" / "job.json")
     cfg = load_config(overrides=["generation.backend=trtllm", "generation.engine_launcher=local",
                                  f"generation.python={fake}"])
     assert external.run_engine(cfg, job, "cuda")["python3"] == str(venv / "python3")
@@ -152,21 +199,24 @@ def test_bad_launcher_settings_are_refused_by_name():
 
 
 FAKE_WORKER = """#!/usr/bin/env bash
-# Stands in for <engine python>: argv is "-m MODULE JOB.json"; records what SLURM gave the step.
+# Stands in for <engine python>: argv is "-m MODULE JOB.json [INSTANCE]"; records what SLURM gave the step.
 job="$3"
-cat > "$(dirname "$job")/status.json" <<EOF
+sleep "${FAKE_ENGINE_SLEEP:-0}"  # instances overlap in time: each is its own running step
+cat > "$(dirname "$job")/status${4:+-$4}.json" <<EOF
 {"engine_starts": 1, "module": "$2", "step_id": "${SLURM_STEP_ID:-none}", "step_tasks": "${SLURM_STEP_NUM_TASKS:-none}",
- "job_id": "${SLURM_JOB_ID:-none}", "step_name": "${SLURM_JOB_NAME:-none}"}
+ "job_id": "${SLURM_JOB_ID:-none}", "step_name": "${SLURM_JOB_NAME:-none}", "instance": "${4:-none}",
+ "node": "${SLURMD_NODENAME:-none}"}
 EOF
 """
 
-DRIVER = """import json, sys
+DRIVER = """import json, os, sys
 from pathlib import Path
 from spin_mcore.config import load_config
-from spin_mcore.generation.external import run_engine
+from spin_mcore.generation.external import _rank_hosts, instance_layout, run_engine
 cfg = load_config(overrides=sys.argv[2:])
-print("RESULT " + json.dumps({**run_engine(cfg, Path(sys.argv[1]), "cpu"),
-                              "parent_step": __import__("os").environ.get("SLURM_STEP_ID")}), flush=True)
+layout = instance_layout(cfg.generation, "cpu", _rank_hosts())
+print("RESULT " + json.dumps({**run_engine(cfg, Path(sys.argv[1]), "cpu", layout if len(layout) > 1 else None),
+                              "parent_step": os.environ.get("SLURM_STEP_ID")}), flush=True)
 """
 
 
@@ -176,9 +226,7 @@ def test_worker_runs_as_its_own_srun_step_inside_the_job(slurm_env, tmp_path):  
     fake.write_text(FAKE_WORKER)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     (tmp_path / "driver.py").write_text(DRIVER)
-    job = tmp_path / "engine_job" / "job.json"
-    job.parent.mkdir()
-    job.write_text("{}")
+    job = _empty_job(tmp_path / "engine_job" / "job.json")
     log = tmp_path / "job.log"
     # Two tasks in the training step, as a real run has; only the srun task of rank 0 starts the engine.
     script = (f"#!/bin/bash\nsrun --ntasks=1 {sys.executable} {tmp_path / 'driver.py'} {job} "
@@ -195,6 +243,32 @@ def test_worker_runs_as_its_own_srun_step_inside_the_job(slurm_env, tmp_path):  
     assert result["job_id"] == proc.stdout.strip().split(";")[0]
     assert result["parent_step"] == "0" and result["step_id"] == "1" and result["step_tasks"] == "1", result
     assert result["step_name"] == "spin-engine-vllm"
+
+
+@pytest.mark.slurm
+def test_two_instances_run_as_two_overlapping_srun_steps_of_the_job(slurm_env, tmp_path):  # noqa: F811
+    """generation.engine_instances=2 inside a job: two `srun --overlap` steps on the node, named by instance,
+    running at the same time (each sleeps 3 s), each writing its own status; the parent merges them."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_WORKER)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    job = _empty_job(tmp_path / "engine_job" / "job.json")
+    log = tmp_path / "job.log"
+    script = (f"#!/bin/bash\nexport FAKE_ENGINE_SLEEP=3\nsrun --ntasks=1 {sys.executable} {tmp_path / 'driver.py'} "
+              f"{job} generation.backend=vllm generation.python={fake} generation.engine_instances=2\n")
+    proc = subprocess.run(["sbatch", "--parsable", "--wait", "--nodes=1", "--ntasks=2", "--cpus-per-task=1",
+                           "--time=00:05:00", f"--output={log}"], input=script, env=slurm_env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    text = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, f"{proc.stderr}\n{text}"
+    result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["launcher"] == "srun" and result["engine_starts"] == 2 and result["parent_step"] == "0"
+    parts = sorted(result["instances"], key=lambda r: r["instance"])
+    assert [(r["instance"], r["step_name"], r["step_tasks"]) for r in parts] == [
+        ("0", "spin-engine-vllm-0", "1"), ("1", "spin-engine-vllm-1", "1")]
+    assert sorted(r["step_id"] for r in parts) == ["1", "2"] and parts[0]["node"] == parts[1]["node"] != "none"
+    assert result["worker_seconds"] < 6  # both slept 3 s at the same time: two concurrent steps
 
 
 def test_cli_refuses_an_engine_that_cannot_run_before_any_process_starts(tmp_path):

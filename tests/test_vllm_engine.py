@@ -185,7 +185,7 @@ def vllm_iteration(loop_inputs, tmp_path_factory):
     finally:
         del os.environ["SPIN_VLLM_WORKER_KILL_AT"]
     engine_dir = run_dir / "iter_0" / "train_generation" / "engine"
-    killed = {"shards": sorted(json.loads((engine_dir / "manifest.json").read_text())["shards"]),
+    killed = {"shards": sorted(protocol.done_shards(engine_dir)),  # the worker's entries, merged on the next run
               "shard0": (engine_dir / "shard-00000.jsonl").read_bytes()}
     (rows,) = run_local(run_rank, 1, None, _loop_overrides(loop_inputs, run_dir), False)
     return rows, run_dir, killed
@@ -197,7 +197,7 @@ def test_spin_iteration_with_vllm_resumes_after_worker_kill_one_engine_start_and
     engine = json.loads((it / "engine.json").read_text())
     # 40 train prompts in shards of 16 (3), 4 held-out (1). The kill left train shard 0 only; the resumed
     # run's single engine start generated the other 3 and kept shard 0 as it was.
-    assert killed["shards"] == ["00000"]
+    assert killed["shards"] == [0]
     assert engine["engine_starts"] == 1 and engine["shards"] == 2 + 1 and engine["launcher"] == "local"
     assert not (it / "engine_export").exists()  # theta_t's HF export is deleted once its shards are converted
     assert (it / "train_generation" / "engine" / "shard-00000.jsonl").read_bytes() == killed["shard0"]
@@ -322,3 +322,110 @@ def test_engine_check_vllm_in_the_real_environment():
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "usage: python -m spin_mcore.generation.workers.engine_check {vllm|trtllm}")
+
+
+# ----------------------------------------------------------------------------- data-parallel instances (issue 21)
+
+
+def _many_prompts(n: int = 16) -> list[list[int]]:
+    """Prompts of mixed lengths (3..20 tokens), so responses finish at different steps."""
+    g = torch.Generator().manual_seed(11)
+    return [[BOS] + torch.randint(3, VOCAB, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _dp_job(tmp: Path, hf_dir: str, stop: int) -> Path:
+    """Two prompt sets of 16 prompts in shards of 2 (8 shards each): greedy, and 2 samples at T=0.7.
+
+    The feed window is 4 sequences, so an instance holds about one shard at a time and the two
+    instances really share the queue."""
+    keys = [f"q{i}" for i in range(16)]
+    sets = []
+    for name in ("greedy", "sampled"):
+        protocol.write_prompts(tmp / f"{name}.jsonl", keys, _many_prompts())
+        sets.append(protocol.PromptSet(name, str(tmp / f"{name}.jsonl"), str(tmp / name), "fp", 2, list(range(8))))
+    sets[1].sampling = {"temperature": 0.7, "num_samples": 2}
+    base = {"top_p": 1.0, "top_k": 0, "max_new_tokens": MAX_NEW, "seed": 3, "stop_ids": [stop],
+            "vocab_size": VOCAB, "model_vocab_size": VOCAB, "temperature": 0.0, "num_samples": 1}
+    job = protocol.Job(model=hf_dir, dtype="float32", max_model_len=64,
+                       engine={"max_num_seqs": 4, "memory_fraction": None, "tensor_parallel_size": 1, "seed": 0,
+                               "device": "cpu", "window": 4},
+                       sampling=base, sets=sets, status=str(tmp / "job" / "status.json"))
+    (tmp / "job").mkdir(parents=True, exist_ok=True)
+    return job.save(tmp / "job" / "job.json")
+
+
+def _samples(tmp: Path) -> dict:
+    """{(set, key, sample index): (generated ids, finish reason)} of every finished shard."""
+    out = {}
+    for name in ("greedy", "sampled"):
+        for k in sorted(protocol.done_shards(tmp / name)):
+            for r in protocol.read_engine_shard(tmp / name, k):
+                out[(name, r["key"], r["sample_index"])] = (r["generated_ids"], r["finish_reason"])
+    return out
+
+
+def _dp_cfg(instances: int):
+    return load_config(overrides=["generation.backend=vllm", f"generation.engine_instances={instances}"])
+
+
+@pytest.fixture(scope="module")
+def dp_runs(hf_model, tmp_path_factory):
+    """One instance; then two instances of which the one that finishes greedy shard 3 is SIGKILLed before
+    writing it, and a rerun of two instances serving what is missing."""
+    _need_vllm_env()
+    from spin_mcore.generation.external import instance_layout, run_engine
+    from spin_mcore.launcher import WorkerError
+
+    model, hf_dir = hf_model
+    stop = hf_greedy_until(model, _many_prompts()[:1], -1, MAX_NEW)[0][3]  # q0 stops after 4 tokens
+    one = tmp_path_factory.mktemp("dp1")
+    status_one = run_engine(_dp_cfg(1), _dp_job(one, hf_dir, stop), "cpu")
+    two = tmp_path_factory.mktemp("dp2")
+    job = _dp_job(two, hf_dir, stop)
+    layout = instance_layout(_dp_cfg(2).generation, "cpu", ["localhost"])
+    os.environ["SPIN_VLLM_WORKER_KILL_AT"] = "greedy:3"
+    try:
+        with pytest.raises(WorkerError) as err:
+            run_engine(_dp_cfg(2), job, "cpu", layout)
+    finally:
+        del os.environ["SPIN_VLLM_WORKER_KILL_AT"]
+    claims = {(name, int(f.name[6:11])): json.loads(f.read_text())["instance"] for name in ("greedy", "sampled")
+              for f in (two / name / "claims").glob("*.claim")}
+    killed = {"message": str(err.value), "samples": _samples(two), "claims": claims,
+              "done": {n: protocol.done_shards(two / n) for n in ("greedy", "sampled")},
+              "bytes": {f: f.read_bytes() for n in ("greedy", "sampled") for f in (two / n).glob("shard-*.jsonl")}}
+    status_two = run_engine(_dp_cfg(2), job, "cpu", layout)
+    return {"one": _samples(one), "status_one": status_one, "two": _samples(two), "status_two": status_two,
+            "killed": killed, "dir": two}
+
+
+def test_two_instances_give_the_same_samples_as_one_for_every_prompt(dp_runs):
+    """Greedy identical; sampled identical too: each prompt's seed is sample_seed(seed, key, 0), whichever
+    instance served it and whatever else was in its batch."""
+    one, two = dp_runs["one"], dp_runs["two"]
+    assert len(one) == 16 + 32 and set(one) == set(two)
+    assert one == two
+    sampled = [one[("sampled", f"q{i}", s)][0] for i in range(16) for s in (0, 1)]
+    assert any(a != b for a, b in zip(sampled[::2], sampled[1::2]))  # a prompt's 2 samples are not copies
+    assert one[("greedy", "q0", 0)][1] == "stop" and len(one[("greedy", "q0", 0)][0]) == 4  # the EOS path
+    assert any(one[("greedy", f"q{i}", 0)][1] == "length" for i in range(16))
+    assert dp_runs["status_one"]["engine_starts"] == 1 and dp_runs["status_one"]["shards"] == 16
+
+
+def test_a_killed_instance_leaves_only_its_shards_and_the_rerun_serves_just_those(dp_runs):
+    killed, two = dp_runs["killed"], dp_runs["dir"]
+    victim = int(killed["message"].split(" instance ")[1].split()[0])
+    assert killed["message"].startswith(f"vllm worker instance {victim} of 2 on localhost exited with -9")
+    assert killed["message"].splitlines()[0].endswith("; 1 of 2 failed):")
+    assert 3 not in killed["done"]["greedy"]  # killed before it was written
+    # Every unfinished shard was claimed by the killed instance; the survivor finished the rest of the queue.
+    missing = {(n, k) for n in ("greedy", "sampled") for k in range(8) if k not in killed["done"][n]}
+    assert ("greedy", 3) in missing and all(killed["claims"][m] == victim for m in missing)
+    status = dp_runs["status_two"]
+    assert status["shards"] == len(missing) and status["engine_starts"] == 2
+    assert sorted(i["instance"] for i in status["instances"]) == [0, 1]
+    assert sum(i["shards"] for i in status["instances"]) == len(missing)
+    for f, data in killed["bytes"].items():  # nothing finished was redone
+        assert f.read_bytes() == data
+    assert all(protocol.done_shards(two / n) == set(range(8)) for n in ("greedy", "sampled"))

@@ -1,10 +1,15 @@
-"""Opponent generation by an external engine (vLLM, TensorRT-LLM) in its own process: one engine per iteration.
+"""Opponent generation by external engines (vLLM, TensorRT-LLM) in their own processes: one start per
+instance per iteration, ``generation.engine_instances`` data-parallel instances fed from one work queue.
 
     generate_with_engine(...)       collective: the whole step, used by the loop and `spin-mcore generate`
       plan_engine_job(...)          rank 0: which shards of which prompt sets still need the engine
       export_hf(...)                every rank: theta_t as HF safetensors (deleted after the step)
-      run_engine(...)               rank 0: one worker process, one engine, every needed shard
+      instance_layout(...)          which rank leads (starts) each instance, on which node, in which GPU slot
+      run_engine(...)               each leading rank: its instances' worker processes, to completion
       finish_stages(...)            rank 0: engine shards -> ``generate`` stage shards + manifests
+
+Instances claim shards from the job's work queue (``protocol.claim_shard``), so a slow instance does
+not hold the others, and a killed one's claimed, unwritten shards are served by the next run.
 
 The worker (``spin_mcore.generation.workers.<backend>_worker``: vLLM or TensorRT-LLM) runs under
 ``generation.python`` (the engine's own environment, default ``.venv-<backend>/bin/python`` in the
@@ -15,7 +20,7 @@ starts child processes, which daemonic Pool workers may not). It writes per prom
 the ``generate`` manifest is never asked for again, and one the engine already wrote (before a
 kill) is converted without generating it again.
 
-While rank 0's engine works the other ranks wait in :func:`long_barrier` (a gloo group with a
+While the engines work the other ranks wait in :func:`long_barrier` (a gloo group with a
 day-long timeout), not in a collective under the default 10-minute timeout.
 """
 
@@ -28,6 +33,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -129,6 +135,51 @@ def _available_ram_gib() -> float:
     return 4.0
 
 
+@dataclass(frozen=True)
+class Instance:
+    """One engine instance: its index, the rank that starts it, that rank's node, its TP-group slot there."""
+
+    index: int
+    leader: int
+    node: str
+    slot: int
+
+
+def instance_layout(gen_cfg, device: str, hosts: list[str]) -> list[Instance]:
+    """Where each of ``generation.engine_instances`` runs (pure). hosts: every rank's node name, by rank.
+
+    CUDA: each node's ranks (one per GPU) form TP groups of ``engine_tensor_parallel`` in rank order;
+    instance i is the next group, node by node, led (started) by the group's first rank; ``auto`` takes
+    every group that fits a node (at least one). CPU: ``auto`` is 1, and rank 0 starts every instance
+    (they share the node's cores). ConfigError for an int that does not fit the job's GPUs.
+    """
+    tp, want = gen_cfg.engine_tensor_parallel, gen_cfg.engine_instances
+    if device != "cuda":
+        n = 1 if want == "auto" else int(want)
+        return [Instance(i, 0, hosts[0], i) for i in range(n)]
+    by_node: dict = {}
+    for rank, host in enumerate(hosts):
+        by_node.setdefault(host, []).append(rank)
+    groups = [Instance(0, ranks[j * tp], host, j) for host, ranks in by_node.items() for j in range(len(ranks) // tp)]
+    if not groups:  # a TP group wider than a node's ranks: one instance on rank 0's node, as before
+        groups = [Instance(0, 0, hosts[0], 0)]
+    n = len(groups) if want == "auto" else int(want)
+    if n > len(groups):
+        raise ConfigError(f"generation.engine_instances={want}: only {len(groups)} TP group(s) of "
+                          f"generation.engine_tensor_parallel={tp} GPUs fit this job's nodes")
+    return [Instance(i, g.leader, g.node, g.slot) for i, g in enumerate(groups[:n])]
+
+
+def _rank_hosts() -> list[str]:
+    """Every rank's node name, by rank. Collective."""
+    me = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    if not _dist():
+        return [me]
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, me)
+    return hosts
+
+
 def plan_engine_job(cfg, pstate, sets: list[tuple], tokenizer, iteration: int, checkpoint_id: str,
                     force: bool = False) -> EnginePlan:
     """Rank 0 opens each set's generate stage and finds the shards still to make. Collective (a broadcast).
@@ -201,7 +252,7 @@ def write_job(cfg, plan: EnginePlan, hf_dir: Path, dtype: str, job_dir: Path, to
                 "model_vocab_size": cfg.model.vocab_size}
     engine = {"max_num_seqs": g.engine_max_num_seqs, "memory_fraction": g.engine_memory_fraction,
               "tensor_parallel_size": g.engine_tensor_parallel, "seed": g.seed, "device": device,
-              "quantization": g.engine_quantization}
+              "quantization": g.engine_quantization, "window": 2 * g.engine_max_num_seqs}
     job = protocol.Job(model=str(hf_dir), dtype=dtype, max_model_len=cfg.model.seq_length, engine=engine,
                        sampling=sampling, sets=psets, status=str(job_dir / "status.json"))
     return job.save(job_dir / "job.json")
@@ -225,8 +276,15 @@ _STEP_SHAPE_VARS = ("SLURM_NTASKS", "SLURM_NPROCS", "SLURM_NTASKS_PER_NODE", "SL
 _MPI_CONTEXT_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_")
 
 
-def worker_command(gen_cfg, python: Path, job_path: Path, device: str, environ=None) -> tuple[list[str], dict]:
+def worker_command(gen_cfg, python: Path, job_path: Path, device: str, environ=None,
+                   instance: Optional[Instance] = None) -> tuple[list[str], dict]:
     """argv and environment of the engine worker (pure: no process is started).
+
+    instance: one of several (:func:`instance_layout`): its index follows ``JOB.json`` in the argv (the
+    worker writes ``status-<index>.json``), its srun step is named ``spin-engine-<backend>-<index>``
+    and runs on its node, and on CUDA its TP-group slot ``j`` of the node's GPUs is
+    ``SPIN_ENGINE_DEVICE_SLICE=j*tp:tp`` (the srun step asks for the first ``(j+1)*tp`` GPUs: overlapping
+    steps may all be handed the same ones, so each keeps its own slice). None: the single engine.
 
     ``local``: ``<python> -m <worker> JOB.json``. ``srun``: the same command as its own job step of
     the running allocation, one task on this node, ``--overlap`` (the training step keeps its
@@ -239,6 +297,11 @@ def worker_command(gen_cfg, python: Path, job_path: Path, device: str, environ=N
     environ = dict(os.environ if environ is None else environ)
     env = engine_env(gen_cfg, device, environ, python)
     argv = [str(python), "-m", worker_module(gen_cfg.backend), str(job_path)]
+    tp = gen_cfg.engine_tensor_parallel
+    if instance is not None:
+        argv.append(str(instance.index))
+        if device == "cuda":
+            env[protocol.DEVICE_SLICE_ENV] = f"{instance.slot * tp}:{tp}"
     if engine_launcher(gen_cfg, environ) == "local":
         if gen_cfg.backend == "trtllm":
             # TensorRT-LLM spawns its TP ranks with MPI; inherited SLURM/PMI variables would make MPI
@@ -249,49 +312,102 @@ def worker_command(gen_cfg, python: Path, job_path: Path, device: str, environ=N
     if "SLURM_JOB_ID" not in environ:
         raise ConfigError("generation.engine_launcher=srun: not inside a SLURM job (SLURM_JOB_ID is not set); "
                           "use generation.engine_launcher=local or auto")
-    node = environ.get("SLURMD_NODENAME") or socket.gethostname()
+    node = instance.node if instance is not None else environ.get("SLURMD_NODENAME") or socket.gethostname()
+    name = f"spin-engine-{gen_cfg.backend}" + ("" if instance is None else f"-{instance.index}")
     srun = ["srun", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={node}", f"--jobid={environ['SLURM_JOB_ID']}",
-            f"--job-name=spin-engine-{gen_cfg.backend}", "--kill-on-bad-exit=1", "--export=ALL"]
+            f"--job-name={name}", "--kill-on-bad-exit=1", "--export=ALL"]
     if device == "cuda":
-        srun.append(f"--gpus={gen_cfg.engine_tensor_parallel}")
+        srun.append(f"--gpus={((instance.slot if instance is not None else 0) + 1) * tp}")
     for name in _STEP_SHAPE_VARS:
         env.pop(name, None)
     if gen_cfg.backend == "trtllm":
         # TensorRT-LLM on SLURM: one MPI task per TP rank, each running the same LLM-API script under
         # trtllm-llmapi-launch (NVIDIA's examples/llm-api/llm_mgmn_*.sh: tasks must equal tensor_parallel_size).
-        tp = gen_cfg.engine_tensor_parallel
         srun[srun.index("--ntasks=1")] = f"--ntasks={tp}"
         srun.insert(srun.index("--export=ALL"), f"--mpi={gen_cfg.engine_mpi}")
         argv = [str(Path(python).with_name("trtllm-llmapi-launch")), *argv]
     return srun + argv, env
 
 
-def run_engine(cfg, job_path: Path, device: str) -> dict:
-    """Rank 0: run the worker on ``job_path`` to completion; returns its status. Raises with the log's tail."""
+def run_engine(cfg, job_path: Path, device: str, instances: Optional[list[Instance]] = None,
+               run: Optional[str] = None) -> dict:
+    """Run the workers of ``instances`` (this rank's; None: the single engine) on ``job_path`` to
+    completion; returns their combined status. Raises with the failed instance's log tail.
+
+    Every instance runs to its end even when another fails (the survivors serve the rest of the
+    queue); a failed instance's claimed shards are left for the next run.
+
+    run: the claims' run id shared by every leading rank of one job, whose rank 0 has already called
+    :func:`protocol.prepare_sets` (a second call while instances run would remove their claims and
+    temporary files). None: the only caller of this job; the claims of unfinished shards are cleared
+    here (whoever held them is gone) and the run id is fresh.
+    """
     from spin_mcore.launcher import WorkerError
 
     g = cfg.generation
-    argv, env = worker_command(g, engine_python(g), job_path, device)
-    log = job_path.with_name("worker.log")
-    status = job_path.with_name("status.json")
-    status.unlink(missing_ok=True)
+    python = engine_python(g)
+    job = protocol.Job.load(job_path)
+    if run is None:
+        protocol.prepare_sets(job)
+        run = uuid.uuid4().hex[:12]  # claims of this run; any other run's are stale
+    started = []
     start = time.perf_counter()
-    with log.open("ab") as fh:
-        # Its own session: the engine's processes are stopped together (killpg), by this rank only.
-        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(CHECKOUT),
-                                start_new_session=True)
-        try:
-            returncode = _wait(proc)
-        except BaseException:
+    try:
+        for inst in instances or [None]:
+            argv, env = worker_command(g, python, job_path, device, instance=inst)
+            env["SPIN_ENGINE_RUN"] = run
+            status = Path(protocol.instance_status(job.status, None if inst is None else inst.index))
+            status.unlink(missing_ok=True)
+            log = job_path.with_name("worker.log" if inst is None else f"worker-{inst.index}.log")
+            started.append((inst, argv, status, log, _start(argv, env, log)))
+        codes = _wait_all([p for *_, p in started])
+    except BaseException:
+        for *_, proc in started:
             _stop(proc, signal.SIGKILL)
-            raise
-    if returncode != 0:
+        raise
+    failed = [(inst, code, log) for (inst, _, _, log, _), code in zip(started, codes) if code != 0]
+    if failed:
+        inst, code, log = failed[0]
         tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-        raise WorkerError(f"{g.backend} worker exited with {returncode} (log {log}):\n" + "\n".join(tail))
-    out = json.loads(status.read_text())
+        which = "" if inst is None else f" instance {inst.index} of {len(started)} on {inst.node}"
+        raise WorkerError(f"{g.backend} worker{which} exited with {code} (log {log}; "
+                          f"{len(failed)} of {len(started)} failed):\n" + "\n".join(tail))
+    out = merge_status([json.loads(st.read_text()) for _, _, st, _, _ in started])
     out["worker_seconds"] = round(time.perf_counter() - start, 3)
-    out["launcher"] = argv[0] if argv[0] == "srun" else "local"
+    out["launcher"] = started[0][1][0] if started[0][1][0] == "srun" else "local"
     return out
+
+
+def merge_status(parts: list[dict]) -> dict:
+    """One status for several instances: counts summed, wall times the slowest's, each instance's kept."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    out = {**parts[0], "instances": parts}
+    for k in ("engine_starts", "generated_tokens", "shards"):
+        out[k] = sum(p.get(k, 0) for p in parts)
+    for k in ("load_seconds", "generate_seconds"):
+        out[k] = max(p.get(k, 0) for p in parts)
+    return out
+
+
+def _start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """One worker, its output appended to ``log``, in its own session (stopped together, by this rank only)."""
+    with log.open("ab") as fh:
+        return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(CHECKOUT),
+                                start_new_session=True)
+
+
+def _wait_all(procs: list[subprocess.Popen]) -> list[int]:
+    """Wait for every worker (:func:`_wait` each); a preemption stops the others too (``_wait`` raises)."""
+    codes = []
+    for i, proc in enumerate(procs):
+        try:
+            codes.append(_wait(proc))
+        except BaseException:
+            for other in procs[i + 1:]:
+                _stop(other, signal.SIGTERM)
+            raise
+    return codes
 
 
 def _wait(proc: subprocess.Popen) -> int:
@@ -340,15 +456,16 @@ def _stop(proc: subprocess.Popen, sig: int) -> None:
 
 def generate_with_engine(cfg, pstate, load_model, sets: list[tuple], tokenizer, iteration: int, checkpoint_id: str,
                          work_dir: Path, force: bool = False) -> dict:
-    """y' for every prompt set from ONE external-engine start. Collective; returns the worker's status
-    (rank 0; ``{"engine_starts": 0}`` when nothing needed generating, and on the other ranks).
+    """y' for every prompt set from one start of each engine instance (:func:`instance_layout`). Collective;
+    returns the instances' merged status on every rank (``{"engine_starts": 0}`` when nothing needed
+    generating).
 
     load_model: ``() -> model`` (theta_t, built and loaded on every rank), called only when some
     shard needs the engine. sets: ``(name, prompts, generate_dir)``. theta_t is exported to HF once
     into ``work_dir/engine_export`` (every rank takes part), freed before the engine starts, and the
     export is deleted once its shards are converted (it is rebuilt if a later run needs the engine
-    again). Other ranks wait in :func:`long_barrier` meanwhile; a failure or preemption on rank 0
-    reaches every rank.
+    again). Each instance's leading rank starts it (:func:`run_engine`); the other ranks wait in
+    :func:`long_barrier` meanwhile; a failure or preemption of any instance reaches every rank.
     """
     import gc
 
@@ -373,23 +490,25 @@ def generate_with_engine(cfg, pstate, load_model, sets: list[tuple], tokenizer, 
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+        job, run = _prepare_job(cfg, plan, hf_dir, dtype, Path(work_dir) / "engine_job", tokenizer, device,
+                                pstate.rank)
+        layout = instance_layout(g, device, _rank_hosts())
+        mine = [i for i in layout if i.leader == pstate.rank]
         failure = [None]
-        if pstate.rank == 0:
+        if mine:
             try:
-                job = write_job(cfg, plan, hf_dir, dtype, Path(work_dir) / "engine_job", tokenizer, device)
-                engine = run_engine(cfg, job, device)
+                engine = run_engine(cfg, job, device, mine if len(layout) > 1 else None, run)
             except BaseException as exc:  # the other ranks learn of it after the barrier, then all raise
                 failure[0] = exc
         long_barrier()
-        flag = [None if failure[0] is None else type(failure[0]).__name__]
-        if _dist():
-            dist.broadcast_object_list(flag, src=0)
+        engine = _gather_engines(engine, failure[0], pstate.rank)
         if failure[0] is not None:
             raise failure[0]
-        if flag[0] == "Preempted":  # every rank stops the same way, so the requeued job resumes
-            raise preemption.preempted("generation engine (on rank 0)")
-        if flag[0] is not None:
-            raise RuntimeError(f"rank 0's generation engine failed ({flag[0]}; its message is in rank 0's output)")
+        if engine.get("failed") == "Preempted":  # every rank stops the same way, so the requeued job resumes
+            raise preemption.preempted("generation engine (on a leading rank)")
+        if engine.get("failed"):
+            raise RuntimeError(f"a generation engine instance failed ({engine['failed']}; its message is in the "
+                               f"output of rank {engine['failed_rank']})")
     if pstate.rank == 0:
         finish_stages(cfg, plan, tokenizer, iteration, checkpoint_id, engine)
         if plan.needed:
@@ -398,6 +517,46 @@ def generate_with_engine(cfg, pstate, load_model, sets: list[tuple], tokenizer, 
     if _dist():
         dist.barrier()
     return engine
+
+
+def _prepare_job(cfg, plan: EnginePlan, hf_dir: Path, dtype: str, job_dir: Path, tokenizer, device: str,
+                 rank: int) -> tuple[Path, str]:
+    """Rank 0 writes the job and clears its stale claims (before any instance starts); every rank gets
+    the job path and the run id of the claims. Collective (a broadcast): a failure on rank 0 raises
+    there and, as a RuntimeError naming it, on every other rank."""
+    out, failure = [None, ""], None
+    if rank == 0:
+        try:
+            job = write_job(cfg, plan, hf_dir, dtype, job_dir, tokenizer, device)
+            protocol.prepare_sets(protocol.Job.load(job))
+            out = [str(job), uuid.uuid4().hex[:12]]
+        except Exception as exc:
+            failure, out = exc, [None, type(exc).__name__]
+    if _dist():
+        dist.broadcast_object_list(out, src=0)
+    if failure is not None:
+        raise failure
+    if out[0] is None:
+        raise RuntimeError(f"rank 0 could not write the engine job ({out[1]}; its message is in rank 0's output)")
+    return Path(out[0]), out[1]
+
+
+def _gather_engines(engine: dict, failure: Optional[BaseException], rank: int) -> dict:
+    """Every leading rank's engine status merged, the same on every rank; ``failed`` names the first
+    failure's type (``failed_rank``: whose). Collective."""
+    mine = {"engine": engine, "failed": None if failure is None else type(failure).__name__, "rank": rank}
+    parts = [mine]
+    if _dist():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine, group=dist.new_group(backend="gloo"))
+    engines = [p["engine"] for p in parts if p["engine"].get("engine_starts")]
+    out = merge_status(engines) if engines else {"engine_starts": 0}
+    if len(engines) > 1:  # merge_status of per-rank statuses: keep the ranks' instance lists flat
+        out["instances"] = [i for e in engines for i in e.get("instances", [e])]
+    bad = next((p for p in parts if p["failed"]), None)
+    if bad is not None:
+        out.update(failed=bad["failed"], failed_rank=bad["rank"])
+    return out
 
 
 def finish_stages(cfg, plan: EnginePlan, tokenizer, iteration: int, checkpoint_id: str, engine: dict) -> dict:

@@ -278,7 +278,9 @@ def build_llm(trtllm, job, model_dir: str):
 
 
 def fp8_dir(job) -> Path:
-    return Path(str(job.model).rstrip("/") + "-fp8")
+    """The FP8 copy of the export; one per instance (instances on other nodes share the file system)."""
+    suffix = "" if job.instance is None else f"-{job.instance}"
+    return Path(str(job.model).rstrip("/") + "-fp8" + suffix)
 
 
 def checkpoint_bytes(model_dir: str | Path) -> int:
@@ -350,7 +352,13 @@ def quantize_fp8(job) -> Path:
 
 
 def serve(job, llm, trtllm) -> dict:
-    """Generate every listed shard of every set of ``job`` with the started ``llm``; returns the counts."""
+    """Generate the listed shards this instance claims from ``job``'s queue with the started ``llm``; returns
+    the counts.
+
+    Still shard at a time (one blocking ``LLM.generate`` per shard, so each shard lasts as long as its
+    longest sample): the windowed feed of the vLLM worker would go through ``LLM.generate_async`` here,
+    which is not done yet because nothing on a CPU machine can check it against TensorRT-LLM's executor.
+    """
     from spin_mcore.generation.workers import protocol
 
     def generate_chunk(chunk, sampling, stop_ids):
@@ -380,6 +388,7 @@ def main(argv: list[str]) -> int:
     if quant not in (None, "fp8"):
         raise ValueError(f"job engine.quantization={quant!r}: TensorRT-LLM worker runs None or 'fp8'")
     protocol.install_stop_handlers()  # a time-limit signal requeues the job instead of failing it
+    protocol.apply_device_slice()  # this instance's GPUs, before TensorRT-LLM sees any
     try:
         import tensorrt_llm as trtllm
     except ImportError as exc:
@@ -414,7 +423,7 @@ def main(argv: list[str]) -> int:
             llm.shutdown()  # BaseLLM.shutdown (llm.py): the executor and its MPI session (tensor_parallel_size > 1)
     if quant == "fp8":
         shutil.rmtree(model_dir, ignore_errors=True)  # every shard is written: a 70B FP8 copy is 70 GB
-    atomic_write_json(job.status, {"engine_starts": 1, "load_seconds": load_seconds,
+    atomic_write_json(job.status_path, {"engine_starts": 1, "instance": job.instance, "load_seconds": load_seconds,
                                    "tensorrt_llm": trtllm.__version__, "quantization": quant, **counts})
     return 0
 

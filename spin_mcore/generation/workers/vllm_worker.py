@@ -1,7 +1,11 @@
 """vLLM engine worker: ``<engine python> -m spin_mcore.generation.workers.vllm_worker JOB.json``.
 
-Starts ONE ``vllm.LLM`` on the job's HF export and serves every listed shard of every prompt
-set (see :mod:`spin_mcore.generation.workers.protocol`). Imports only the stdlib, vLLM, and
+Starts ONE ``vllm.LLM`` on the job's HF export and serves the listed shards of every prompt
+set it claims from the job's work queue (one of ``generation.engine_instances`` instances; see
+:mod:`spin_mcore.generation.workers.protocol`). The engine is kept full: prompts go in through
+``llm.llm_engine.add_request`` in a window that spans shard boundaries, ``step()`` advances it, and a
+shard is written as soon as its last prompt finishes (``engine.feed == "shard"``: one blocking
+``LLM.generate`` per shard instead, for the benchmark). Imports only the stdlib, vLLM, and
 spin_mcore's stdlib-only modules: the parent runs it with ``PYTHONPATH=<checkout>`` in the
 vLLM environment, which has no Megatron.
 
@@ -64,8 +68,63 @@ def _sampled_logps(out) -> list[float]:
     return [float(pos[tok].logprob) for tok, pos in zip(out.token_ids, out.logprobs)]
 
 
+def window_prompts(job) -> int:
+    """Prompts kept in flight: ``engine.window`` sequences (default twice ``max_num_seqs``, so the
+    scheduler always has the next sequences queued when one finishes) over the samples per prompt."""
+    e = job.engine
+    seqs = int(e.get("window") or 2 * int(e["max_num_seqs"]))
+    n = max([int(job.sampling["num_samples"])] + [int((s.sampling or {}).get("num_samples", 1)) for s in job.sets])
+    return max(1, -(-seqs // n))
+
+
+def _outcome(vllm, job, p, sampling, stop_ids):
+    """``vllm.SamplingParams`` of one prompt, final output only (the windowed loop reads finished prompts)."""
+    from spin_mcore.generation.workers import protocol
+
+    params = vllm.SamplingParams(**sampling_kwargs(sampling, p["key"], protocol.max_tokens(
+        sampling, p["prompt_ids"], job.max_model_len)))
+    params.output_kind = vllm.sampling_params.RequestOutputKind.FINAL_ONLY
+    return params
+
+
+def _records_of(out, key: str, stop_ids) -> list[dict]:
+    """One finished prompt's records, in sample order."""
+    from spin_mcore.generation.workers import protocol
+
+    records = []
+    for s, o in enumerate(sorted(out.outputs, key=lambda o: o.index)):
+        ids, logps = protocol.normalise_eos(o.token_ids, _sampled_logps(o), o.finish_reason, o.stop_reason, stop_ids)
+        records.append(protocol.sample_record(key, s, ids, logps, o.finish_reason))
+    return records
+
+
 def serve(job, llm, vllm) -> dict:
-    """Generate every listed shard of every set of ``job`` with the started ``llm``; returns the counts."""
+    """Every listed shard this instance claims, fed through ``llm.llm_engine`` (add_request + step, the
+    loop ``LLM.generate`` runs, without its drain per call) in a window across shard boundaries."""
+    from spin_mcore.generation.workers import protocol
+
+    engine = llm.llm_engine
+    keys: dict = {}
+
+    def submit(request_id, p, sampling, stop_ids):
+        keys[request_id] = (p["key"], stop_ids)
+        engine.add_request(request_id, {"prompt_token_ids": p["prompt_ids"]}, _outcome(vllm, job, p, sampling,
+                                                                                        stop_ids))
+
+    def step():
+        done = []
+        for out in engine.step():
+            if out.finished:
+                key, stop_ids = keys.pop(out.request_id)
+                done.append((out.request_id, _records_of(out, key, stop_ids)))
+        return done
+
+    return protocol.serve_windowed(job, submit, step, "vllm_worker", window_prompts(job))
+
+
+def serve_per_shard(job, llm, vllm) -> dict:
+    """Shard at a time (one blocking ``LLM.generate`` per shard): the feed the windowed one replaces,
+    kept for the benchmark's side-by-side."""
     from spin_mcore.generation.workers import protocol
 
     def generate_chunk(chunk, sampling, stop_ids):
@@ -91,6 +150,7 @@ def main(argv: list[str]) -> int:
     if job is None:
         return 2
     protocol.install_stop_handlers()  # a time-limit signal requeues the job instead of failing it
+    protocol.apply_device_slice()  # this instance's GPUs, before vLLM sees any
     start = time.perf_counter()
     try:
         with protocol.interruptible():
@@ -99,10 +159,11 @@ def main(argv: list[str]) -> int:
             llm = vllm.LLM(**llm_kwargs(job))
         load_seconds = round(time.perf_counter() - start, 3)
         print(f"vllm_worker: engine up in {load_seconds} s (vllm {vllm.__version__})", flush=True)
-        counts = serve(job, llm, vllm)
+        feed = serve_per_shard if job.engine.get("feed") == "shard" else serve
+        counts = feed(job, llm, vllm)
     except protocol.Stopped as exc:
         return protocol.stopped_exit("vllm_worker", exc)
-    atomic_write_json(job.status, {"engine_starts": 1, "load_seconds": load_seconds, "vllm": vllm.__version__,
+    atomic_write_json(job.status_path, {"engine_starts": 1, "instance": job.instance, "load_seconds": load_seconds, "vllm": vllm.__version__,
                                    **counts})
     return 0
 
