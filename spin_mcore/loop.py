@@ -5,7 +5,9 @@
 
 Every stage writes its outputs atomically with a manifest, and a re-run skips what is
 complete: generation and reference shards resume individually, the trainer resumes from
-its last checkpoint, and ``iter_t/eval.json`` (written last) marks an iteration done.
+its last checkpoint, and ``iter_t/eval.json`` (written last) marks an iteration done. Each stage
+appends its wall time, model loads and bytes to ``RUN/timeline.jsonl`` (:mod:`spin_mcore.timeline`;
+``spin-mcore report RUN`` tabulates and plots it).
 
 Where this departs from the paper:
 * The opponent's log-probs are computed once per iteration right after generation and

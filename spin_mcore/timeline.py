@@ -361,7 +361,8 @@ def format_timeline(records: list[dict]) -> str:
 
 def plot_timeline(records: list[dict], path) -> None:
     """A Gantt chart of the records (one row per stage, time from the first record's start, one colour per
-    iteration), written atomically. Bars are spans: training's includes the checkpoint stalls of its own row."""
+    iteration), written atomically. Bars are spans (training's includes its checkpoint stalls), except
+    ``checkpoint``: the sum of its stalls, drawn ending where the last one ended."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -376,7 +377,11 @@ def plot_timeline(records: list[dict], path) -> None:
     for rec in records:
         y = names.index(rec["stage"])
         width = max(rec["end"] - rec["start"], 1e-3)  # the span (training's includes its checkpoint stalls)
-        ax.barh(y, width, left=rec["start"] - t0, color=colors(rec["iteration"] % 10), edgecolor="black",
+        left = rec["start"] - t0
+        if rec["stage"] == "checkpoint":  # stalls scattered over training: their sum, drawn at the end
+            width = max(rec["wall_s"], 1e-3)
+            left = rec["end"] - t0 - width
+        ax.barh(y, width, left=left, color=colors(rec["iteration"] % 10), edgecolor="black",
                 linewidth=0.3)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
