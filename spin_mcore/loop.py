@@ -287,6 +287,16 @@ def run_iteration(cfg: Config, pstate, run: RunDir, t: int, theta: str, data: Pr
     return theta_next, row
 
 
+def _prune_train_states(run: RunDir, t: int) -> None:
+    """Once iteration t is evaluated: its resumable checkpoints are never loaded again (theta_{t+1} is its
+    model save), and at 70B each is ~700 GB. Keep only iteration t's newest, for inspection or re-training."""
+    from spin_mcore.training.train_checkpoint import prune_train_state
+
+    for s in range(t):
+        prune_train_state(run.train(s), keep_newest=False)
+    prune_train_state(run.train(t), keep_newest=True)
+
+
 def run_spin(cfg: Config, pstate, force: bool = False, data: Optional[Prepared] = None) -> list[dict]:
     """All iterations of ``cfg`` in ``cfg.run.dir``; collective. Returns the per-iteration rows.
 
@@ -310,6 +320,7 @@ def run_spin(cfg: Config, pstate, force: bool = False, data: Optional[Prepared] 
             theta, row = run_iteration(cfg, pstate, run, t, theta, data)
             if pstate.is_logging_rank:
                 save_eval(run, t, {"row": row, "theta_next": theta})
+                _prune_train_states(run, t)
             _barrier()
         rows.append(row)
         _log(pstate, "iter %d: " % t + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

@@ -49,3 +49,19 @@ def test_run_made_before_a_new_field_existed_resumes_at_its_default(tmp_path):
     changed = load_config(overrides=["model.preset=tiny", "model.init_std=0.5", "platform.device=cpu"]).to_dict()
     with pytest.raises(RunConfigMismatchError, match=r"model.init_std: 0.02 -> 0.5; platform.device: 'auto' -> 'cpu'"):
         claim_run_dir(run, changed)
+
+
+def test_evaluated_iterations_keep_only_the_newest_train_state(tmp_path):
+    """After iteration t is evaluated: earlier iterations' train_state goes, iteration t keeps its newest save."""
+    from spin_mcore.loop import _prune_train_states
+
+    run = RunDir(tmp_path)
+    for t in (0, 1):
+        for step in (2, 4, 6):
+            d = run.train(t) / "train_state" / f"step_{step:08d}"
+            d.mkdir(parents=True)
+            (d / "done.json").write_text("{}")
+    (run.train(1) / "train_state" / "step_00000008.tmp").mkdir()  # a killed save
+    _prune_train_states(run, 1)
+    assert not (run.train(0) / "train_state").exists()
+    assert sorted(p.name for p in (run.train(1) / "train_state").iterdir()) == ["step_00000006"]
