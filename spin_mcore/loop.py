@@ -33,6 +33,7 @@ from spin_mcore.eval.builtin import checker_for, exact_match, decode_responses, 
 from spin_mcore.generation.sampling import sampling_vocab_size
 from spin_mcore.run_dir import RunDir, claim_run_dir, save_eval, write_results
 from spin_mcore.timeline import Timeline
+from spin_mcore.training.resident import ResidentPolicy
 from spin_mcore.utils.io import read_json
 from spin_mcore.utils.shards import read_stage
 
@@ -57,9 +58,12 @@ def _log(pstate, msg: str) -> None:
         print(f"[spin] {msg}", flush=True)
 
 
-def prepare(cfg: Config, pstate) -> Prepared:
-    """Load, split and tokenise ``cfg.data`` (deterministic, so every rank does it independently)."""
+def prepare(cfg: Config, pstate, cache_dir: Optional[Path] = None) -> Prepared:
+    """Load, split and tokenise ``cfg.data``. Collective with ``cache_dir`` (``RUN/data`` in a SPIN run): rank 0
+    tokenises once per run into it and every rank reads the result
+    (:func:`~spin_mcore.data.prepared_cache.prepared_once`); without it every rank tokenises (deterministic)."""
     from spin_mcore.data.prepare import prepare_sft_data
+    from spin_mcore.data.prepared_cache import prepared_once
     from spin_mcore.data.tokenizer import load_tokenizer
 
     if cfg.data.tokenizer is None:
@@ -67,7 +71,11 @@ def prepare(cfg: Config, pstate) -> Prepared:
     tok = load_tokenizer(cfg.data.tokenizer)
     # Lines skipped under data.skip_bad_lines go to RUN/rejects.jsonl (one writer).
     rejects = Path(cfg.run.dir) / "rejects.jsonl" if pstate.is_logging_rank else None
-    data = prepare_sft_data(cfg.data, tok, verbose=pstate.is_logging_rank, rejects_path=rejects)
+    if cache_dir is not None:
+        data = prepared_once(cfg.data, tok, cache_dir, pstate.rank, verbose=pstate.is_logging_rank,
+                             rejects_path=rejects)
+    else:
+        data = prepare_sft_data(cfg.data, tok, verbose=pstate.is_logging_rank, rejects_path=rejects)
     answers = None
     checker = checker_for(cfg.run.checker)
     if checker is not None:
@@ -153,30 +161,35 @@ def stage_complete(stage_dir: Path) -> bool:
 
 
 def generate_with_engine(cfg: Config, pstate, run: RunDir, t: int, theta: str, sets: list, tok,
-                         timeline: Optional[Timeline] = None) -> dict:
+                         timeline: Optional[Timeline] = None, resident: Optional[ResidentPolicy] = None) -> dict:
     """Step 1 with an external engine (``generation.backend=vllm|trtllm``): y' for every prompt set of
     iteration t from ONE engine start (:func:`spin_mcore.generation.external.generate_with_engine`).
 
-    sets: ``(name, prompts)``, written to ``iter_t/<name>_generation``. Collective. The call is one
-    block here, so the timeline splits it afterwards: ``export`` (loading theta_t and writing the HF
-    export), ``engine_start`` (the engine's own load seconds), ``generation`` (the rest).
+    sets: ``(name, prompts)``, written to ``iter_t/<name>_generation``. Collective. The export is made
+    from ``resident`` (the iteration's theta_t, parked in host memory while the engine runs; a fresh one,
+    dropped after the export, when None). The call is one block here, so the timeline splits it
+    afterwards: ``export`` (loading theta_t and writing the HF export), ``engine_start`` (the engine's own
+    load seconds), ``generation`` (the rest).
     """
     from spin_mcore.generation import external
 
     it_dir = run.iteration(t)
     timeline = timeline or Timeline(run.root, pstate)
+    own = resident is None
+    resident = resident or ResidentPolicy(cfg, pstate, theta)
     load_span = []
 
     def load():
         t0 = time.time()
-        model = load_policy(cfg, pstate, theta)
+        model = resident.get()
         load_span.extend((t0, time.time()))
         return model
 
     with timeline.measured() as m:
         engine = external.generate_with_engine(cfg, pstate, load,
                                                [(n, p, it_dir / f"{n}_generation") for n, p in sets], tok, t,
-                                               str(theta), it_dir)
+                                               str(theta), it_dir,
+                                               after_export=resident.release if own else resident.park)
     record_engine_stages(timeline, t, m, load_span, engine)
     _log(pstate, f"iter {t}: {cfg.generation.backend} engine: {engine.get('engine_starts', 0)} start(s), "
                  f"{engine.get('generated_tokens', 0)} tokens")
@@ -220,11 +233,14 @@ def check_engine_agreement(cfg: Config, pstate, run: RunDir, t: int, name: str, 
 
 
 def generate_and_score(cfg: Config, pstate, run: RunDir, t: int, theta: str, prompts: list, tok, name: str,
-                       extra_pairs: Optional[list] = None, timeline: Optional[Timeline] = None) -> Path:
+                       extra_pairs: Optional[list] = None, timeline: Optional[Timeline] = None,
+                       resident: Optional[ResidentPolicy] = None) -> Path:
     """Steps 1-2 for one prompt set: y' ~ theta_t into ``iter_t/<name>_generation``, then theta_t's log-probs.
 
     ``extra_pairs`` (earlier iterations' generation dirs) are scored by theta_t too: theta_t is
     the reference of every pair trained on in iteration t, whichever iterate generated it.
+    ``resident``: the iteration's theta_t (loaded on first use and kept for the next stage); a
+    fresh one, dropped at the end, when None.
     Timeline: ``generation`` (theta_t's load and the in-process engine, or reading the external
     engine's shards) and ``reference``, each ``resumed`` when its stage was complete before it started.
     """
@@ -232,19 +248,25 @@ def generate_and_score(cfg: Config, pstate, run: RunDir, t: int, theta: str, pro
     from spin_mcore.training.reference import compute_reference_logprobs
 
     timeline = timeline or Timeline(run.root, pstate)
+    own = resident is None
+    resident = resident or ResidentPolicy(cfg, pstate, theta)
     gen_dir = run.iteration(t) / f"{name}_generation"
     ref_dir = run.iteration(t) / f"{name}_reference"
+    # A stage its manifest calls complete gets no model: the stage functions then only check that it was
+    # written under this configuration (fingerprint) and return, and theta_t is not loaded for it.
     with timeline.stage(t, "generation", set=name) as stage:
         stage.resumed = stage_complete(gen_dir) and stage_complete(ref_dir)
-        model = load_policy(cfg, pstate, theta)
+        model = None if stage_complete(gen_dir) else resident.get()
         summary = generate_opponent(cfg, model, pstate, prompts, tok, gen_dir, t, checkpoint_id=str(theta))
     _log(pstate, f"iter {t}: generated {name}: {summary.get('samples', '?')} samples, "
                  f"{summary.get('tokens_per_s', 0):.0f} tok/s")
     with timeline.stage(t, "reference", set=name) as stage:
         stage.resumed = stage_complete(ref_dir)
+        model = None if stage.resumed else resident.get()
         compute_reference_logprobs(cfg, model, pstate, [gen_dir, *(extra_pairs or [])], ref_dir, model_id=str(theta))
     del model
-    gc.collect()
+    if own:
+        resident.release()
     if cfg.generation.backend != "megatron":
         check_engine_agreement(cfg, pstate, run, t, name, ref_dir)
     return ref_dir
@@ -259,17 +281,21 @@ def run_iteration(cfg: Config, pstate, run: RunDir, t: int, theta: str, data: Pr
     # 1-3. Opponent responses y' ~ theta_t, plus the previous iteration's pairs (paper: 50k -> 100k),
     #      all scored by theta_t; and the same for held-out prompts (evaluation only).
     previous = [run.iteration(t - 1) / "train_generation"] if cfg.spin.keep_previous_iteration and t > 0 else []
+    # theta_t is read from disk at most once: the engine's export, both reference passes and the
+    # trainer's start share one model (loaded by whichever needs it first).
+    resident = ResidentPolicy(cfg, pstate, theta)
     if cfg.generation.backend != "megatron":  # one engine start serves both prompt sets
         generate_with_engine(cfg, pstate, run, t, theta, [("train", data.train), ("heldout", data.heldout)],
-                             data.tokenizer, timeline)
+                             data.tokenizer, timeline, resident)
     train_pairs = generate_and_score(cfg, pstate, run, t, theta, data.train, data.tokenizer, "train", previous,
-                                     timeline)
+                                     timeline, resident)
     heldout_pairs = generate_and_score(cfg, pstate, run, t, theta, data.heldout, data.tokenizer, "heldout",
-                                       timeline=timeline)
+                                       timeline=timeline, resident=resident)
     # 4-5. Train E epochs from theta_t; the trainer writes theta_{t+1} as train/model.
     with timeline.stage(t, "training") as stage:
         stage.resumed = (run.train(t) / "model" / "spin_mcore.json").exists()
-        summary = train(cfg, pstate, [train_pairs], theta, run.train(t), iteration=t)
+        summary = train(cfg, pstate, [train_pairs], theta, run.train(t), iteration=t, load_model=resident.take)
+    resident.release()  # training had nothing left to do (a resumed iteration): the model was not taken
     theta_next = str(summary.get("model", run.train(t) / "model"))
     # 6. Evaluate theta_{t+1} against theta_t's scores of the held-out pairs.
     heldout_ref = list(read_stage(heldout_pairs))
@@ -308,7 +334,7 @@ def run_spin(cfg: Config, pstate, force: bool = False, data: Optional[Prepared] 
     _barrier()
     if cfg.run.init_checkpoint is None:
         raise ValueError("run.init_checkpoint is not set: SPIN starts from an SFT model (theta_0)")
-    data = data or prepare(cfg, pstate)
+    data = data or prepare(cfg, pstate, run.root / "data")
     rows: list[dict] = []
     theta = import_initial_model(cfg, pstate, run)
     for t in range(cfg.run.iterations):

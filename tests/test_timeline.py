@@ -1,13 +1,11 @@
 """RUN/timeline.jsonl of a tiny `spin-mcore run`, `spin-mcore report`, and the planner's stage names.
 
 One iteration of the tiny SPIN loop (in-process Megatron engine, 2-layer model, CPU) runs once; its
-timeline must list every stage the loop runs with the model loads the code does today:
-* generation (train and held-out prompt sets): one load of theta_t each (the in-process engine);
-* reference: none (it scores with the model the generation stage loaded);
-* training: one load of theta_t (the trainer builds its own model);
-* evaluation: one load of theta_{t+1};
-so theta_t is loaded 3 times per iteration with the in-process engine (4 with an external engine,
-whose HF export loads it once more). Then the iteration is re-run after deleting its eval.json
+timeline must list every stage the loop runs with the model loads it makes: theta_t is loaded ONCE per
+iteration (issue 21 part 3), by the first stage that needs it (generation of the training prompts); the
+held-out generation, both reference passes and the trainer use that resident model; evaluation loads
+theta_{t+1}. (Before: 3 loads of theta_t with the in-process engine, 4 with an external one.) Then the
+iteration is re-run after deleting its eval.json
 (as a kill during evaluation leaves it): every earlier stage is recorded as resumed (0 s).
 """
 
@@ -64,14 +62,14 @@ def test_timeline_lists_every_stage_with_its_loads(run, inputs):
     got = [(r["stage"], r.get("set"), r["loads"], r["resumed"]) for r in first]
     # 4 steps at save_interval=2: one train_state save (step 2; none at the last step) and the model save.
     assert got == [("generation", "train", 1, False), ("reference", "train", 0, False),
-                   ("generation", "heldout", 1, False), ("reference", "heldout", 0, False),
-                   ("checkpoint", None, 0, False), ("training", None, 1, False), ("evaluation", None, 1, False)]
+                   ("generation", "heldout", 0, False), ("reference", "heldout", 0, False),
+                   ("checkpoint", None, 0, False), ("training", None, 0, False), ("evaluation", None, 1, False)]
     theta_t_loads = sum(r["loads"] for r in first if r["stage"] != "evaluation")
-    assert theta_t_loads == 3  # today's count with the in-process engine (issue 21 part 3 cuts it to 1)
-    assert [p for r in first for p in r["loaded"] if r["stage"] != "evaluation"] == [theta0] * 3
+    assert theta_t_loads == 1
+    assert [p for r in first for p in r["loaded"] if r["stage"] != "evaluation"] == [theta0]
     assert [p for r in first for p in r["loaded"] if r["stage"] == "evaluation"] == [str(run_dir / "iter_0" / "train" / "model")]
     size = sum(f.stat().st_size for f in Path(theta0).rglob("*") if f.is_file())
-    assert [r["bytes_read"] for r in first if r["loads"]][:3] == [size] * 3
+    assert [r["bytes_read"] for r in first if r["loads"]][:1] == [size]
     ckpt = next(r for r in first if r["stage"] == "checkpoint")
     model = run_dir / "iter_0" / "train" / "model"
     assert ckpt["bytes_written"] >= sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) > 0

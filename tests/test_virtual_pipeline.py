@@ -6,7 +6,9 @@ pass, three optimizer steps (4 micro-batches each) and the final weights must ag
 with the single-process run; a run resumed from its step-2 checkpoint must end where
 the uninterrupted one did; the checkpoint must reshard PP2 x VP2 -> PP1 (and the PP1
 init checkpoint -> PP2 x VP2); and a VP config must still load one-stage models for
-inference (load_policy).
+inference (load_policy). The loop's resident theta_t is built in the VP layout: its HF export
+must equal the PP=1 export bitwise, and training from it (no second load) must end with the
+same weights as training that loads theta_t itself.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def _single_worker(tmp: str) -> dict:
     from spin_mcore.models.checkpoint import save_model_checkpoint
     from spin_mcore.platform import init_distributed
     from spin_mcore.training.reference import compute_reference_logprobs
+    from spin_mcore.models.hf_convert import export_hf
     from spin_mcore.training.trainer import setup_model, train
 
     tmp = Path(tmp)
@@ -61,6 +64,7 @@ def _single_worker(tmp: str) -> dict:
     model = setup_model(cfg, pstate, None, wrap_ddp=False)
     save_model_checkpoint(model, pstate, tmp / "init", cfg.model)
     compute_reference_logprobs(cfg, model, pstate, [tmp / "gen"], tmp / "ref")
+    export_hf(model, pstate, tmp / "export_pp1", cfg.model)
     return train(cfg, pstate, [tmp / "ref"], str(tmp / "init"), tmp / "run_pp1")
 
 
@@ -82,6 +86,16 @@ def _vp_worker(tmp: str) -> dict:
     del model
     summary = train(cfg, pstate, [tmp / "ref"], str(tmp / "init"), tmp / "run_vp")
 
+    # The loop's resident theta_t: one load serves the export, a reference pass and the trainer.
+    from spin_mcore.models.hf_convert import export_hf
+    from spin_mcore.training.resident import ResidentPolicy
+
+    resident = ResidentPolicy(cfg, pstate, str(tmp / "init"))
+    export_hf(resident.get(), pstate, tmp / "export_vp", cfg.model)
+    compute_reference_logprobs(cfg, resident.get(), pstate, [tmp / "gen"], tmp / "ref_vp_resident")
+    train(cfg, pstate, [tmp / "ref"], str(tmp / "init"), tmp / "run_vp_resident", load_model=resident.take)
+    resident_loads = resident.loads
+
     # Resume: the same run with a checkpoint per step, cut back to its step-2 checkpoint.
     cfg_r = _cfg(VP + ["train.save_interval=1"])
     train(cfg_r, pstate, [tmp / "ref"], str(tmp / "init"), tmp / "run_vp_resumed")
@@ -97,7 +111,7 @@ def _vp_worker(tmp: str) -> dict:
 
     policy = load_policy(cfg, pstate, str(tmp / "run_vp" / "model"))
     compute_reference_logprobs(cfg, policy, pstate, [tmp / "gen"], tmp / "ref_vp_policy")
-    return {"layers": layers, "summary": summary, "resumed_from": resumed["resumed_from"],
+    return {"layers": layers, "summary": summary, "resumed_from": resumed["resumed_from"], "resident_loads": resident_loads,
             "policy": type(policy).__name__, "policy_layers": [x.layer_number for x in policy.decoder.layers]}
 
 
@@ -173,3 +187,20 @@ def test_vp_checkpoint_loads_at_pp1_and_inference_ignores_vp(runs):
     assert [v["policy_layers"] for v in vp] == [[1, 2], [3, 4]]
     diff = float((_refs(tmp / "ref_vp_policy") - _refs(tmp / "ref_pp1_final")).abs().max())
     assert diff < 1e-5, diff
+
+
+def test_resident_model_exports_scores_and_trains_like_separate_loads(runs):
+    from safetensors.torch import load_file
+
+    def export(name: str) -> dict:
+        return {k: v for f in sorted((tmp / name).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    tmp, _, vp = runs
+    assert [v["resident_loads"] for v in vp] == [1, 1]
+    a, b = export("export_pp1"), export("export_vp")  # one file vs one per pipeline stage
+    assert a.keys() == b.keys() and sum(".layers." in k for k in a) == 4 * 9  # 9 HF tensors per layer
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(_refs(tmp / "ref_vp_resident"), _refs(tmp / "ref_vp"))
+    x, y = checkpoint_weights(tmp / "run_vp" / "model"), checkpoint_weights(tmp / "run_vp_resident" / "model")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)  # bitwise on CPU fp32
+    assert _losses(tmp / "run_vp") == _losses(tmp / "run_vp_resident")

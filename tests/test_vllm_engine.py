@@ -191,7 +191,8 @@ def vllm_iteration(loop_inputs, tmp_path_factory):
     return rows, run_dir, killed
 
 
-def test_spin_iteration_with_vllm_resumes_after_worker_kill_one_engine_start_and_agreement(vllm_iteration):
+def test_spin_iteration_with_vllm_resumes_after_worker_kill_one_engine_start_and_agreement(vllm_iteration,
+                                                                                          loop_inputs):
     rows, run_dir, killed = vllm_iteration
     it = run_dir / "iter_0"
     engine = json.loads((it / "engine.json").read_text())
@@ -214,6 +215,13 @@ def test_spin_iteration_with_vllm_resumes_after_worker_kill_one_engine_start_and
     assert all((r["finish_reason"] == "stop") == (r["generated_ids"][-1] == eos) for r in recs)
     assert all(r["finish_reason"] == "stop" or len(r["generated_ids"]) == 24 for r in recs)
     assert rows[0]["engine_agreement_median"] < 1e-4 and rows[0]["train_steps"] == 2
+    # theta_t is read once in the resumed run: for the export; the reference passes and the trainer use
+    # the same model, kept in memory while the engine ran (issue 21 part 3; before: 4 loads).
+    timeline = [json.loads(line) for line in (run_dir / "timeline.jsonl").read_text().splitlines()]
+    last_export = max(i for i, r in enumerate(timeline) if r["stage"] == "export")
+    resumed_run = timeline[last_export:]
+    assert [(r["stage"], r["loads"]) for r in resumed_run if r["loads"]] == [("export", 1), ("evaluation", 1)]
+    assert resumed_run[0]["loaded"] == [str(loop_inputs[0] / "theta0")]
 
 
 def _stale_engine(overrides: list, theta_next: str, out_dir: str) -> dict:

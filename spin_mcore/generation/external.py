@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.distributed as dist
 
@@ -455,7 +455,7 @@ def _stop(proc: subprocess.Popen, sig: int) -> None:
 
 
 def generate_with_engine(cfg, pstate, load_model, sets: list[tuple], tokenizer, iteration: int, checkpoint_id: str,
-                         work_dir: Path, force: bool = False) -> dict:
+                         work_dir: Path, force: bool = False, after_export: Optional[Callable[[], None]] = None) -> dict:
     """y' for every prompt set from one start of each engine instance (:func:`instance_layout`). Collective;
     returns the instances' merged status on every rank (``{"engine_starts": 0}`` when nothing needed
     generating).
@@ -464,7 +464,9 @@ def generate_with_engine(cfg, pstate, load_model, sets: list[tuple], tokenizer, 
     shard needs the engine. sets: ``(name, prompts, generate_dir)``. theta_t is exported to HF once
     into ``work_dir/engine_export`` (every rank takes part), freed before the engine starts, and the
     export is deleted once its shards are converted (it is rebuilt if a later run needs the engine
-    again). Each instance's leading rank starts it (:func:`run_engine`); the other ranks wait in
+    again). ``after_export``: called once the export is written, so the caller's copy of the model leaves
+    the device (the loop parks its resident theta_t in host memory); by default the model is dropped.
+    Each instance's leading rank starts it (:func:`run_engine`); the other ranks wait in
     :func:`long_barrier` meanwhile; a failure or preemption of any instance reaches every rank.
     """
     import gc
@@ -487,6 +489,8 @@ def generate_with_engine(cfg, pstate, load_model, sets: list[tuple], tokenizer, 
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         hf_dir = export_hf(model, pstate, export, cfg.model)
         del model  # the engine gets the memory
+        if after_export is not None:
+            after_export()
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -23,15 +23,15 @@ its own layers. Megatron's fused QKV weight is laid out per query group as
 holds a contiguous run of groups. The vocab is padded with zero rows up to
 ``padded_vocab_size``; export drops them. Both formats use the same (half-split,
 "rotate_half") RoPE convention, so Q/K need no permutation. ``config.json`` is
-mapped both ways by :mod:`spin_mcore.models.hf_config`.
+mapped both ways by :mod:`spin_mcore.hf_config`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 
 from spin_mcore.config import ModelConfig
-from spin_mcore.models.checkpoint import publish_dir, shared_tmp_dir, unwrap_model
-from spin_mcore.models.hf_config import check_hf_config_matches, hf_config_dict
+from spin_mcore.models.checkpoint import bare_chunks, publish_dir, shared_tmp_dir, unwrap_model
+from spin_mcore.hf_config import check_hf_config_matches, hf_config_dict
 from spin_mcore.utils.io import remove_stale_tmp
 
 HF_EMBED = "model.embed_tokens.weight"
@@ -62,7 +62,7 @@ def _hf_layer(layer: int) -> str:
     return f"model.layers.{layer}."
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Dims:
     hidden: int
     ffn: int
@@ -186,7 +186,7 @@ def hf_checkpoint_dtype(hf_dir: str | Path) -> torch.dtype:
 # ----------------------------------------------------------------------------- the name/split table
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Entry:
     name: str            # local Megatron parameter name
     kind: str            # vocab | replicated | qkv | fc1 | row
@@ -322,9 +322,22 @@ def _to_hf(e: _Entry, local: torch.Tensor, pstate, d: _Dims) -> Iterator[tuple[s
         raise AssertionError(e.kind)
 
 
-def _hf_tensors(core, entries: list[_Entry], pstate, d: _Dims, dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _rank_table(model) -> tuple[dict, list[_Entry]]:
+    """(parameters by name, table entries) of this rank's stage, every chunk of it: with virtual stages
+    each chunk's names carry its index (``chunk<i>.``); its layers keep their global HF names."""
+    chunks = bare_chunks(model)
+    params: dict = {}
+    entries: list[_Entry] = []
+    for i, core in enumerate(chunks):
+        prefix = f"chunk{i}." if len(chunks) > 1 else ""
+        own = dict(core.named_parameters())
+        params.update({prefix + k: v for k, v in own.items()})
+        entries += [dataclasses.replace(e, name=prefix + e.name) for e in _stage_entries(core, own)]
+    return params, entries
+
+
+def _hf_tensors(params: dict, entries: list[_Entry], pstate, d: _Dims, dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full CPU tensor) for ``entries`` in order; collective over the TP group."""
-    params = dict(core.named_parameters())
     with torch.no_grad():
         for e in entries:
             for name, full in _to_hf(e, params[e.name].detach(), pstate, d):
@@ -338,9 +351,8 @@ def gather_hf_stage(model, pstate, model_cfg: ModelConfig, dtype: Optional[torch
     (default: keep the parameter dtype). Keys are in HF checkpoint order. Holds the
     whole stage in memory; :func:`export_hf` streams file by file instead.
     """
-    core = unwrap_model(model)
-    entries = _stage_entries(core, dict(core.named_parameters()))
-    return dict(_hf_tensors(core, entries, pstate, _Dims.of(model_cfg), dtype))
+    params, entries = _rank_table(model)
+    return dict(_hf_tensors(params, entries, pstate, _Dims.of(model_cfg), dtype))
 
 
 def _plan_files(entries: list[_Entry], shapes: dict, itemsize: int, max_bytes: int) -> list[list[_Entry]]:
@@ -365,7 +377,8 @@ def export_hf(model, pstate, out_dir: str | Path, model_cfg: ModelConfig, dtype:
               max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Write this model as an HF safetensors checkpoint loadable by ``AutoModelForCausalLM``. Collective.
 
-    Each PP stage's first TP rank (of DP replica 0) writes its own files, gathering
+    ``model``: this rank's stage, bare or DDP-wrapped, one ``GPTModel`` or the ``ModelChunks`` of its
+    virtual stages (the trainer's layout). Each PP stage's first TP rank (of DP replica 0) writes its own files, gathering
     one file's tensors at a time over TP, so no rank holds more than ``max_shard_bytes``
     of merged weights. Rank 0 writes ``config.json`` (see :func:`hf_config_dict`) and,
     when there is more than one file, ``model.safetensors.index.json``. The directory
@@ -377,11 +390,11 @@ def export_hf(model, pstate, out_dir: str | Path, model_cfg: ModelConfig, dtype:
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir).absolute()
-    core = unwrap_model(model)
-    dtype = dtype or next(core.parameters()).dtype
+    params, entries = _rank_table(model)
+    dtype = dtype or next(iter(params.values())).dtype
     d = _Dims.of(model_cfg)
     shapes = expected_hf_shapes(model_cfg)
-    files = _plan_files(_stage_entries(core, dict(core.named_parameters())), shapes,
+    files = _plan_files(entries, shapes,
                         torch.empty((), dtype=dtype).element_size(), max_shard_bytes)
     writer = pstate.tp_rank == 0 and pstate.dp_rank == 0 and mps.get_context_parallel_rank() == 0
     # Every rank learns every writer's plan, so file numbering is global and deterministic.
@@ -406,7 +419,7 @@ def export_hf(model, pstate, out_dir: str | Path, model_cfg: ModelConfig, dtype:
         tmp.mkdir(parents=True)
     dist.barrier()
     for k, entries in enumerate(files):
-        tensors = dict(_hf_tensors(core, entries, pstate, d, dtype))  # collective over TP
+        tensors = dict(_hf_tensors(params, entries, pstate, d, dtype))  # collective over TP
         if writer:
             save_file(tensors, str(tmp / names[first + k]), metadata={"format": "pt"})
         del tensors

@@ -3,7 +3,8 @@
     train(cfg, pstate, data, init_checkpoint, out_dir, iteration) -> summary
 
 Order of one run:
-    setup_model      build this rank's stage, load theta_t, wrap in Megatron DDP
+    setup_model      build this rank's stage, load theta_t (or take the iteration's resident one), wrap in
+                     Megatron DDP
     build_optimizer  RMSProp/Adam in Megatron's wrappers (distributed optimizer when DP > 1)
     resume           the newest complete checkpoint under out_dir/train_state, if any
     loop             train_step per global batch; metrics; a train_state checkpoint every
@@ -29,13 +30,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from spin_mcore.config import ConfigError, per_iteration
 from spin_mcore.platform import preemption
-from spin_mcore.training.batches import collate, load_examples, make_plan, pad_multiple
+from spin_mcore.training.batches import collate, make_plan, open_training_data, pad_multiple, step_microbatches
 from spin_mcore.training.metrics import MetricsLogger
 from spin_mcore.training.reference import loss_spec
 from spin_mcore.training.step import STAT_NAMES, rows_per_microbatch, train_step
@@ -54,11 +55,22 @@ def setup_model(cfg, pstate, init_checkpoint: Optional[str] = None, wrap_ddp: bo
     model (or the bare ``GPTModel`` when ``wrap_ddp`` is False); with ``parallel.vp > 1`` a
     :class:`~spin_mcore.models.chunks.ModelChunks` of them, one per virtual stage.
     """
-    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+    model = build_policy(cfg, pstate, init_checkpoint)
+    return wrap_for_training(cfg, model) if wrap_ddp else model
 
-    from spin_mcore.models.chunks import model_chunks, wrap_chunks
+
+def build_policy(cfg, pstate, init_checkpoint: Optional[str] = None):
+    """This rank's bare policy stage in the training layout (``GPTModel``, or ``ModelChunks`` with
+    ``parallel.vp > 1``), with ``init_checkpoint`` loaded and the training flags set on its config.
+
+    It serves inference as it is (generation, export, reference passes:
+    :class:`~spin_mcore.training.resident.ResidentPolicy`) and training after
+    :func:`wrap_for_training`, so one load of theta_t serves a whole iteration.
+    """
+    from megatron.core.distributed import finalize_model_grads
+
+    from spin_mcore.models.chunks import model_chunks
     from spin_mcore.models.gpt import build_gpt_chunks
-    from spin_mcore.training.optimizer import build_ddp_config, set_grad_sync_funcs
     from spin_mcore.utils.heap import use_mmap_for_large_allocations
 
     if pstate.device.type == "cpu":
@@ -67,10 +79,11 @@ def setup_model(cfg, pstate, init_checkpoint: Optional[str] = None, wrap_ddp: bo
         use_mmap_for_large_allocations()
 
     # A checkpoint overwrites every parameter (both loaders check), so Megatron's random init
-    # would be wasted work; without one the seeded init is the model.
+    # would be wasted work; without one the seeded init is the model. Built for DDP even when it
+    # serves inference first: the same model is wrapped for training later.
     model = build_gpt_chunks(cfg.model, pstate, cfg.precision, cfg.parallel.vp, recompute=cfg.train.recompute,
                              sequence_parallel=cfg.parallel.sequence_parallel, fused_kernels=cfg.train.fused_kernels,
-                             perform_initialization=not init_checkpoint, for_ddp=wrap_ddp)
+                             perform_initialization=not init_checkpoint, for_ddp=True)
     if init_checkpoint:
         from spin_mcore.models.checkpoint import is_model_checkpoint, load_model_checkpoint
 
@@ -87,19 +100,29 @@ def setup_model(cfg, pstate, init_checkpoint: Optional[str] = None, wrap_ddp: bo
                 drop_high_precision_init_vals(chunk)
         else:
             load_model_checkpoint(model, pstate, init_checkpoint)
-    chunks = model_chunks(model)
-    for chunk in chunks:
+    for chunk in model_chunks(model):
         chunk.config.calculate_per_token_loss = True
         chunk.config.finalize_model_grads_func = finalize_model_grads
-    if not wrap_ddp:
-        return model
+    return model
+
+
+def wrap_for_training(cfg, model):
+    """``model`` from :func:`build_policy` in Megatron DDP (one wrapper per chunk), in train mode."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    from spin_mcore.models.chunks import model_chunks, wrap_chunks
+    from spin_mcore.training.optimizer import build_ddp_config, set_grad_sync_funcs
+
+    chunks = model_chunks(model)
     ddp_cfg = build_ddp_config(cfg.parallel)
     # As Megatron's get_model: buckets only for the first chunk; the later chunks' reductions
     # overlap with the interleaved schedule's compute anyway.
     wrapped = [DistributedDataParallel(chunk.config, ddp_cfg, chunk, disable_bucketing=i > 0)
                for i, chunk in enumerate(chunks)]
     set_grad_sync_funcs(wrapped, ddp_cfg)
-    return wrap_chunks(wrapped)
+    out = wrap_chunks(wrapped)
+    out.train()
+    return out
 
 
 def _finished_loop(model_dir: Path, total_steps: int) -> Optional[dict]:
@@ -157,7 +180,8 @@ def _step_metrics(stats: torch.Tensor, objective: str, grad_norm: float, lr: flo
     return out
 
 
-def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, iteration: int = 0) -> dict:
+def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, iteration: int = 0,
+          load_model: Optional[Callable[[], object]] = None) -> dict:
     """Train one iteration on ``data``; collective over all ranks. Resumes from ``out_dir`` when possible.
 
     Args:
@@ -169,6 +193,9 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
         out_dir: run directory of this iteration: ``train_state/``, ``metrics.jsonl``,
             ``tensorboard/`` and the final model checkpoint ``model/``.
         iteration: SPIN iteration t (selects beta and peak LR).
+        load_model: ``() -> model``, theta_t already built by :func:`build_policy` (the iteration's
+            resident model, which training then owns and changes); called only when steps remain.
+            None builds and loads ``init_checkpoint`` here.
     Returns a summary dict (same on every rank): steps, skipped, final metrics, model path, seconds.
     Raises TooManySkippedSteps past ``train.max_skipped_steps`` non-finite steps, and
     ``Preempted`` after saving a checkpoint when a stop signal arrived (see module docstring).
@@ -181,8 +208,8 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
     t_cfg = cfg.train
     out_dir = Path(out_dir)
     objective = t_cfg.objective
-    examples = load_examples(list(data), objective, need_refs=objective == "spin")
-    plan, total_steps = make_plan(len(examples), t_cfg.epochs, t_cfg.seed, t_cfg.global_batch_size,
+    records = open_training_data(cfg.data.loader, list(data), objective, pstate.rank)  # data.loader: dali | torch
+    plan, total_steps = make_plan(records.n_items, t_cfg.epochs, t_cfg.seed, t_cfg.global_batch_size,
                                   t_cfg.micro_batch_size, pstate.dp, t_cfg.max_steps)
     model_dir = (out_dir / "model").absolute()  # the loop records it in eval.json: independent of the cwd
     done = _finished_loop(model_dir, total_steps)
@@ -204,7 +231,10 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
     positions = 0  # row positions this rank ran through the model (padding included)
     peak_lr = float(per_iteration(t_cfg.lr, iteration))
 
-    model = setup_model(cfg, pstate, init_checkpoint)
+    if load_model is not None:
+        model = wrap_for_training(cfg, load_model())
+    else:
+        model = setup_model(cfg, pstate, init_checkpoint)
     dtype = params_dtype(cfg.precision, pstate.device.type == "cuda")
     use_dist_opt = cfg.parallel.distributed_optimizer
     optimizer = build_optimizer(t_cfg, [model], peak_lr, use_dist_opt, dtype, precision=cfg.precision)
@@ -215,7 +245,8 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
     last: dict = {}  # metrics of the latest step: the summary's "final", kept across resumes
     resume_from = latest_checkpoint(state_root)
     if resume_from is not None:
-        loop = load_train_checkpoint(resume_from, model, optimizer, scheduler, pstate)
+        loop = load_train_checkpoint(resume_from, model, optimizer, scheduler, pstate,
+                                     data_reader=records.loader == "dali")
         step, skipped, tokens_seen = int(loop["step"]), int(loop["skipped"]), float(loop["tokens"])
         # A run killed after its last checkpoint resumes with no step left: the summary still
         # reports the last step's metrics, as the uninterrupted run does.
@@ -224,12 +255,15 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
             raise ConfigError(f"{resume_from}: was trained for {loop['total_steps']} steps, this config gives "
                               f"{total_steps}; use a fresh output directory")
 
+    # DALI resumes from its own reader checkpoint (saved with the train_state); torch from the step.
+    reader = records.steps(plan, total_steps, pstate, step, loop.get("reader_state") if resume_from else None)
     writer = CheckpointWriter(state_root, pstate, keep=t_cfg.keep_checkpoints, async_save=use_async_save(t_cfg))
 
     def save_state() -> None:
         nonlocal last_save
         writer.save(step, model, optimizer, scheduler,
-                    {"skipped": skipped, "tokens": tokens_seen, "total_steps": total_steps, "last": last})
+                    {"skipped": skipped, "tokens": tokens_seen, "total_steps": total_steps, "last": last},
+                    reader_state=reader.state())
         last_save = time.monotonic()
 
     model.train()
@@ -240,15 +274,15 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
     try:
         if resume_from is not None:
             logger.message(f"resumed from {resume_from} at step {step}/{total_steps}")
+        logger.message(f"data loader: {records.loader} ({records.reason})")
         while step < total_steps:
             t0 = time.perf_counter()
             if packed:
                 # All of this rank's pairs of the step are packed together: same pairs, fewer rows.
-                mine = torch.cat(plan.rank_microbatches(step, pstate.dp_rank)).tolist()
-                micro, _ = pack_microbatches([examples[i] for i in mine], seq_len, t_cfg.micro_batch_size)
+                micro, _ = pack_microbatches(reader.step_examples(step), seq_len, t_cfg.micro_batch_size)
             else:
-                micro = [collate([examples[i] for i in idx.tolist()], seq_len, objective, multiple=pad_multiple(cfg))
-                         for idx in plan.rank_microbatches(step, pstate.dp_rank)]
+                micro = [collate(group, seq_len, objective, multiple=pad_multiple(cfg))
+                         for group in step_microbatches(reader.step_examples(step), t_cfg.micro_batch_size)]
             positions += sum(b["tokens"].numel() for b in micro)
             lr = float(scheduler.get_lr())
             result = train_step(model, optimizer, micro, spec, row_len if packed else seq_len,
@@ -292,6 +326,7 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
     finally:
         if failed:
             writer.abort()  # its save stays unpublished; a re-run resumes from the one before
+        reader.close()
         logger.close()
 
     # theta_{t+1} carries the optimizer's fp32 main params (as bf16) when the params are FP8: the
