@@ -19,4 +19,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${SPIN_TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q -e '.[test]'
+# DALI, the default data loader (data.loader=auto): NVIDIA's PyPI name, version from the constraints
+# file. Its CPU pipelines run without a GPU; the bare name nvidia-dali is a placeholder, never install it.
+.venv/bin/python -m pip install -q nvidia-dali-cuda120
 echo "spin_mcore installed in $(pwd)/.venv${constraints:+ (versions from $constraints)}"

@@ -4,6 +4,7 @@ Layout of a stage directory::
 
     DIR/manifest.json        {"stage", "fingerprint", "shards": {"00000": {"file", "records", "sha256"}}, "complete", "summary"}
     DIR/shard-00000.jsonl    one JSON object per line
+    DIR/tokens-00000/        the shard's binary token store (records with token ids; spin_mcore.data.token_store)
 
 A shard appears in the manifest only after its file was written atomically, so a
 killed stage resumes at the first shard missing from the manifest, with no
@@ -63,12 +64,19 @@ class ShardedStage:
         return f"{index:05d}" in self.manifest["shards"]
 
     def write_shard(self, index: int, records: Iterable[dict]) -> None:
-        """Atomically write shard ``index`` and record it in the manifest."""
+        """Atomically write shard ``index`` (and its binary token store) and record it in the manifest."""
+        from spin_mcore.data.token_store import write_store_shard
+
+        records = list(records)
+        # The store first: the manifest entry below is what makes the shard (and its store) exist.
+        tokens = write_store_shard(self.dir, index, records)
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         name = f"shard-{index:05d}.jsonl"
         atomic_write_text(self.dir / name, text)
         self.manifest["shards"][f"{index:05d}"] = {
             "file": name, "records": text.count("\n"), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+        if tokens is not None:
+            self.manifest["shards"][f"{index:05d}"]["tokens"] = tokens
         atomic_write_json(self.manifest_path, self.manifest)
 
     def finalize(self, summary: Optional[dict] = None) -> None:
