@@ -137,6 +137,9 @@ class DataConfig:
     skip_bad_lines: bool = _f(False, "Skip malformed JSON lines instead of failing: the first 5 are reported with "
                               "their reasons, all of them written to RUN/rejects.jsonl.")
     seed: int = _f(1234, "Seed for subsampling and the held-out split.")
+    loader: str = _f("auto", "How the trainer reads its pairs: dali (NVIDIA DALI's numpy reader over the stages' "
+                     "binary token store, each DP rank its own records), torch (the JSON shards, every rank parses "
+                     "all), auto (dali where nvidia.dali imports; the run says which).")
 
 
 @dataclass
@@ -502,6 +505,7 @@ def validate(cfg: Config) -> None:
 
     validate_fp8(cfg)
     _choice("data.template", cfg.data.template, ("instruction", "chat"))
+    _choice("data.loader", cfg.data.loader, ("auto", "dali", "torch"))
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
         raise ConfigError(f"data.heldout_fraction={cfg.data.heldout_fraction}: must be in [0, 1)")
     g = cfg.generation

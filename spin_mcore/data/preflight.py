@@ -5,6 +5,7 @@
     check_data(cfg, records=False)       train: reads pair stages, not data.path; tokenizer only
 
 What it checks (each failure is one ValueError line naming the file and line, or the field):
+  * ``data.loader=dali``: NVIDIA DALI imports;
   * ``data.tokenizer`` (when set) loads; its vocabulary is no larger than ``model.vocab_size``,
     and its BOS/EOS/PAD ids are inside it. A smaller tokenizer is accepted (HF models often
     round their vocabulary up): the data never holds the extra ids, and a tokenizer refuses
@@ -64,6 +65,10 @@ def check_data(cfg, *, records: bool = True, heldout: bool = True) -> dict:
     from spin_mcore.data.tokenizer import load_tokenizer
 
     d = cfg.data
+    if d.loader == "dali":  # a missing or broken DALI: one line here, not a traceback per rank
+        from spin_mcore.data.dali_loader import require_dali
+
+        require_dali()
     found = {"tokenizer_vocab": None, "records": None, "train": None, "heldout": None}
     tok = None
     if d.tokenizer is not None:

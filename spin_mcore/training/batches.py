@@ -252,3 +252,63 @@ def global_counts(batches: Iterable[dict], objective: str) -> torch.Tensor:
         real_counts = b["token_counts"][: len(valid)]
         tokens += float(real_counts[valid].sum())
     return torch.tensor([pairs, tokens], dtype=torch.float64)
+
+
+@dataclass
+class TrainingData:
+    """The trainer's records as the chosen loader reads them (``data.loader``; see ``spin_mcore.training.loader``).
+
+    ``n_items`` is known without reading a record under DALI (the stage manifests count them);
+    ``examples`` (torch) holds every parsed record, ``files`` (dali) one token-store file per item.
+    """
+
+    loader: str  # "dali" | "torch"
+    reason: str  # why this loader (the run prints it)
+    n_items: int
+    objective: str
+    examples: Optional[list] = None
+    files: Optional[list] = None
+
+    def steps(self, plan: StepPlan, total_steps: int, pstate, start_step: int = 0, state: Optional[dict] = None):
+        """This rank's step reader (``.step_examples(step)``, ``.state()``, ``.close()``), at ``start_step``."""
+        from spin_mcore.training.loader import DaliSteps, TorchSteps
+
+        if self.loader == "torch":
+            return TorchSteps(self.examples, plan, pstate.dp_rank)
+        device_id = None
+        if pstate.device.type == "cuda":
+            device_id = pstate.device.index if pstate.device.index is not None else torch.cuda.current_device()
+        return DaliSteps(self.files, plan, total_steps, pstate.dp_rank, pstate.dp, start_step, state, device_id,
+                         need_generated=self.objective == "spin", need_refs=self.objective == "spin")
+
+
+def open_training_data(setting: str, sources: Sequence, objective: str, rank: int = 0) -> TrainingData:
+    """Resolve ``data.loader`` = ``setting`` for ``sources`` (stage directories and/or in-memory records).
+
+    Collective when a stage has no token store yet (rank 0 converts it, then a barrier). Under
+    ``auto`` a source without token ids falls back to torch; under ``dali`` it is a ValueError.
+    """
+    import torch.distributed as dist
+
+    from spin_mcore.data.dali_loader import resolve_loader
+    from spin_mcore.data.token_store import stage_files
+
+    loader, reason = resolve_loader(setting, sources)
+    if loader == "dali":
+        barrier = dist.barrier if dist.is_initialized() else None
+        files = stage_files([Path(s) for s in sources], rank, barrier)
+        if files is not None:
+            if not files:
+                raise ValueError(f"no training records in {[str(s) for s in sources]}")
+            return TrainingData("dali", reason, len(files), objective, files=files)
+        if setting == "dali":
+            raise ValueError(f"data.loader=dali: the records of {[str(s) for s in sources]} carry no token ids "
+                             "for the token store")
+        loader, reason = "torch", "data.loader=auto: records without token ids"
+    examples = load_examples(list(sources), objective, need_refs=objective == "spin")
+    return TrainingData("torch", reason, len(examples), objective, examples=examples)
+
+
+def step_microbatches(examples: Sequence[Example], micro_batch: int) -> list[list[Example]]:
+    """``examples`` (one rank's step, micro-batch order) cut into lists of ``micro_batch``."""
+    return [list(examples[k:k + micro_batch]) for k in range(0, len(examples), micro_batch)]

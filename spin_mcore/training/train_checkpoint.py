@@ -19,7 +19,9 @@ every rank's writer finished. At most one save is in flight. Saves and loads go 
 fully-parallel wrappers over the data-parallel group: each DP replica writes (reads) a share of the
 replicated model state instead of every replica writing (reading) all of it.
 The data position is the step number: the sample order is a pure function of the
-seed, so step ``k`` always sees the same records.
+seed, so step ``k`` always sees the same records. Under ``data.loader=dali`` each rank's DALI
+reader checkpoint (``pipe.checkpoint()``, see ``spin_mcore.data.dali_loader``) is saved too, one
+object per rank, and ``done.json`` says so (``"data_reader": true``).
 """
 
 from __future__ import annotations
@@ -160,24 +162,34 @@ def _prepare_tmp(root: Path, final: Path, pstate) -> Path:
     return tmp
 
 
-def _publish(root: Path, tmp: Path, final: Path, step: int, pstate, keep: int) -> None:
+def _publish(root: Path, tmp: Path, final: Path, step: int, pstate, keep: int, data_reader: bool = False) -> None:
     """Collective, after every rank's write finished: rank 0 renames ``tmp`` and writes ``done.json``; prunes old ones."""
     _barrier()
     if pstate.rank == 0:
         tmp.rename(final)
-        atomic_write_json(final / "done.json", {"step": step, "world_size": pstate.world_size})
+        atomic_write_json(final / "done.json", {"step": step, "world_size": pstate.world_size,
+                                                "data_reader": data_reader})
         complete = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "done.json").exists())
         for old in complete[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
 
 
-def _full_state(step: int, model, optimizer, scheduler, pstate, loop_state: dict) -> dict:
+def _reader_object(pstate, reader_state):
+    """This rank's data-reader state as a ShardedObject (every rank reads its own records; None when loading)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("data_reader_state", reader_state, (pstate.world_size,), (pstate.rank,), replica_id=0)
+
+
+def _full_state(step: int, model, optimizer, scheduler, pstate, loop_state: dict, reader_state=None) -> dict:
     """The sharded state to save after ``step`` steps (captured now; the async writer stores this snapshot)."""
     from spin_mcore.models.chunks import sync_params
 
     sync_params(model)  # overlap_param_gather: the last step's all-gather may still be pending
     state = _sharded_state(model, optimizer, pstate, is_loading=False, with_rng=True)
+    if reader_state is not None:
+        state["data_reader"] = _reader_object(pstate, reader_state)
     state["scheduler"] = scheduler.state_dict()
     state["loop"] = dict(_rank0_object(loop_state), step=step, world_size=pstate.world_size)
     return state
@@ -202,8 +214,12 @@ class CheckpointWriter:
         self.in_flight: Optional[int] = None  # the step whose save is being written
         self.published: Optional[Path] = None  # the newest checkpoint this writer published
 
-    def save(self, step: int, model, optimizer, scheduler, loop_state: dict) -> None:
-        """Start (async) or do (sync) the save of the state after ``step`` steps."""
+    def save(self, step: int, model, optimizer, scheduler, loop_state: dict, reader_state=None) -> None:
+        """Start (async) or do (sync) the save of the state after ``step`` steps.
+
+        ``reader_state``: this rank's data-reader state (the DALI loader's; None for the torch loader),
+        the same kind on every rank.
+        """
         from functools import partial
 
         from megatron.core import dist_checkpointing
@@ -211,8 +227,8 @@ class CheckpointWriter:
         self.finish()  # at most one in flight: the previous save is published first
         final = step_dir(self.root, step)
         tmp = _prepare_tmp(self.root, final, self.pstate)
-        state = _full_state(step, model, optimizer, scheduler, self.pstate, loop_state)
-        publish = partial(_publish, self.root, tmp, final, step, self.pstate, self.keep)
+        state = _full_state(step, model, optimizer, scheduler, self.pstate, loop_state, reader_state)
+        publish = partial(_publish, self.root, tmp, final, step, self.pstate, self.keep, reader_state is not None)
         if self.queue is None:
             dist_checkpointing.save(state, str(tmp), sharded_strategy=self.strategy)
             publish()
@@ -284,8 +300,13 @@ def prune_train_state(iter_dir: str | Path, keep_newest: bool = True) -> list[Pa
     return doomed
 
 
-def load_train_checkpoint(directory: str | Path, model, optimizer, scheduler, pstate) -> dict:
-    """Collective: restore model, optimizer, scheduler (and RNG when the world size matches); returns loop_state."""
+def load_train_checkpoint(directory: str | Path, model, optimizer, scheduler, pstate, data_reader: bool = False) -> dict:
+    """Collective: restore model, optimizer, scheduler (and RNG when the world size matches); returns loop_state.
+
+    ``data_reader``: also return this rank's data-reader state as ``loop_state["reader_state"]`` (None
+    when the checkpoint has none, or was saved by another world size: each rank's reader read its
+    own records, which a different DP size splits differently).
+    """
     from megatron.core import dist_checkpointing
 
     from spin_mcore.models.checkpoint import bare_chunks, chunk_entries
@@ -296,6 +317,9 @@ def load_train_checkpoint(directory: str | Path, model, optimizer, scheduler, ps
         raise FileNotFoundError(f"{directory}: not a complete training checkpoint (no done.json)")
     same_world = done.get("world_size") == pstate.world_size
     state = _sharded_state(model, optimizer, pstate, is_loading=True, with_rng=same_world)
+    with_reader = data_reader and same_world and bool(done.get("data_reader"))
+    if with_reader:
+        state["data_reader"] = _reader_object(pstate, None)
     loaded = dist_checkpointing.load(state, str(directory), sharded_strategy=_load_strategy(directory))
     chunks = bare_chunks(model)
     for bare, chunk_state in zip(chunks, chunk_entries(chunks, loaded["model"])):
@@ -304,4 +328,7 @@ def load_train_checkpoint(directory: str | Path, model, optimizer, scheduler, ps
     scheduler.load_state_dict(loaded["scheduler"])
     if same_world:
         _set_rng_state(loaded["rng"])
-    return dict(loaded["loop"])
+    loop = dict(loaded["loop"])
+    if data_reader:
+        loop["reader_state"] = loaded["data_reader"] if with_reader else None
+    return loop
