@@ -5,11 +5,11 @@ Assumptions (each repeated in the planner's output):
 
 * File system: ``fs_gbps`` GB/s per node (default 2), every node of the job reading or writing at once
   (Megatron's fully-parallel strategies spread a checkpoint over the nodes).
-* Model loads of theta_t, as the loop does them today (:data:`THETA_LOADS`): with an external engine the
-  export, the two reference passes (train and held-out prompt sets) and the trainer each load theta_t,
-  4 loads; with the in-process engine the two generation stages and the trainer, 3. Evaluation loads
-  theta_{t+1} once. A load reads the model checkpoint (N x weight bytes) once per DP replica (the default
-  load strategy reads the full model on every replica).
+* Model loads of theta_t, as the loop does them (:data:`THETA_LOADS`): once per iteration, by the first
+  stage that reads it (the export with an external engine, generation with the in-process one); the
+  reference passes and the trainer use that resident model. Evaluation loads theta_{t+1} once. A load
+  reads the model checkpoint (N x weight bytes) once per DP replica (the default load strategy reads the
+  full model on every replica).
 * Export: theta_t written as HF safetensors (N x weight bytes, + N for an FP8 engine copy) by the first
   TP rank of each pipeline stage, so by min(nodes, PP) nodes.
 * Engine start: every instance reads the export at once, each at its node's bandwidth, plus a fixed
@@ -32,10 +32,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# The stages of theta_t loads per iteration in the loop as built (spin_mcore/loop.py); evaluation loads
-# theta_{t+1} once more. Issue 21 part 3 (one resident theta_t) will bring the external engine to 1.
-THETA_LOADS = {"external": {"export": 1, "reference": 2, "training": 1},
-               "megatron": {"generation": 2, "training": 1}}
+# The stages that load theta_t per iteration in the loop (spin_mcore/loop.py: one resident model,
+# spin_mcore/training/resident.py); evaluation loads theta_{t+1} once more.
+THETA_LOADS = {"external": {"export": 1}, "megatron": {"generation": 1}}
 ENGINE_STARTUP_S = {"trtllm": 180.0, "vllm": 90.0, "megatron": 0.0}
 # Share of an engine's slots busy: which feed each backend's worker runs (spin_mcore/generation/workers).
 ENGINE_FEED = {"trtllm": "shard", "vllm": "window", "megatron": "shard"}
