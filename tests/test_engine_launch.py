@@ -220,27 +220,33 @@ print("RESULT " + json.dumps({**run_engine(cfg, Path(sys.argv[1]), "cpu", layout
 """
 
 
-@pytest.mark.slurm
-def test_worker_runs_as_its_own_srun_step_inside_the_job(slurm_env, tmp_path):  # noqa: F811
+def _sbatch_driver(slurm_env, tmp_path: Path, prelude: str = "", overrides: str = "") -> tuple[str, dict]:
+    """Run DRIVER as step 0 of a 2-task sbatch job (as a real run's training step has; only the srun task of
+    rank 0 starts the engine) with FAKE_WORKER as the engine's python. Returns (job id, its RESULT)."""
     fake = tmp_path / "python"
     fake.write_text(FAKE_WORKER)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     (tmp_path / "driver.py").write_text(DRIVER)
     job = _empty_job(tmp_path / "engine_job" / "job.json")
     log = tmp_path / "job.log"
-    # Two tasks in the training step, as a real run has; only the srun task of rank 0 starts the engine.
-    script = (f"#!/bin/bash\nsrun --ntasks=1 {sys.executable} {tmp_path / 'driver.py'} {job} "
-              f"generation.backend=vllm generation.python={fake}\n")
+    script = (f"#!/bin/bash\n{prelude}srun --ntasks=1 {sys.executable} {tmp_path / 'driver.py'} {job} "
+              f"generation.backend=vllm generation.python={fake} {overrides}\n")
     proc = subprocess.run(["sbatch", "--parsable", "--wait", "--nodes=1", "--ntasks=2", "--cpus-per-task=1",
                            "--time=00:05:00", f"--output={log}"], input=script, env=slurm_env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     text = log.read_text() if log.exists() else ""
     assert proc.returncode == 0, f"{proc.stderr}\n{text}"
     result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
+    return proc.stdout.strip().split(";")[0], result
+
+
+@pytest.mark.slurm
+def test_worker_runs_as_its_own_srun_step_inside_the_job(slurm_env, tmp_path):  # noqa: F811
+    job_id, result = _sbatch_driver(slurm_env, tmp_path)
     assert result["launcher"] == "srun" and result["engine_starts"] == 1
     assert result["module"] == "spin_mcore.generation.workers.vllm_worker"
     # Its own step of the same job (the driver ran as step 0; the engine got the next one), one task.
-    assert result["job_id"] == proc.stdout.strip().split(";")[0]
+    assert result["job_id"] == job_id
     assert result["parent_step"] == "0" and result["step_id"] == "1" and result["step_tasks"] == "1", result
     assert result["step_name"] == "spin-engine-vllm"
 
@@ -249,20 +255,7 @@ def test_worker_runs_as_its_own_srun_step_inside_the_job(slurm_env, tmp_path):  
 def test_two_instances_run_as_two_overlapping_srun_steps_of_the_job(slurm_env, tmp_path):  # noqa: F811
     """generation.engine_instances=2 inside a job: two `srun --overlap` steps on the node, named by instance,
     running at the same time (each sleeps 3 s), each writing its own status; the parent merges them."""
-    fake = tmp_path / "python"
-    fake.write_text(FAKE_WORKER)
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    (tmp_path / "driver.py").write_text(DRIVER)
-    job = _empty_job(tmp_path / "engine_job" / "job.json")
-    log = tmp_path / "job.log"
-    script = (f"#!/bin/bash\nexport FAKE_ENGINE_SLEEP=3\nsrun --ntasks=1 {sys.executable} {tmp_path / 'driver.py'} "
-              f"{job} generation.backend=vllm generation.python={fake} generation.engine_instances=2\n")
-    proc = subprocess.run(["sbatch", "--parsable", "--wait", "--nodes=1", "--ntasks=2", "--cpus-per-task=1",
-                           "--time=00:05:00", f"--output={log}"], input=script, env=slurm_env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    text = log.read_text() if log.exists() else ""
-    assert proc.returncode == 0, f"{proc.stderr}\n{text}"
-    result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
+    _, result = _sbatch_driver(slurm_env, tmp_path, "export FAKE_ENGINE_SLEEP=3\n", "generation.engine_instances=2")
     assert result["launcher"] == "srun" and result["engine_starts"] == 2 and result["parent_step"] == "0"
     parts = sorted(result["instances"], key=lambda r: r["instance"])
     assert [(r["instance"], r["step_name"], r["step_tasks"]) for r in parts] == [

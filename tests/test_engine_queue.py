@@ -130,3 +130,88 @@ def test_merged_status_of_instances():
     out = external.merge_status(parts)
     assert (out["engine_starts"], out["shards"], out["generated_tokens"]) == (2, 4, 39)
     assert (out["load_seconds"], out["generate_seconds"]) == (3.0, 5.0) and out["instances"] == parts
+
+
+# ----------------------------------------------------------------------------- engine-shard conversion over ranks
+
+
+class _DigitTokenizer:
+    """Decodes ids as their digits, so the converted records hold text a rank had to produce."""
+
+    eos_id, bos_id = None, 1
+
+    def decode(self, ids) -> str:
+        return " ".join(map(str, ids))
+
+
+def _conversion_sets(out: Path) -> list[tuple]:
+    """Two prompt sets under ``out``: 20 prompts (7 shards of 3) and 9 (3 shards), as ``(name, prompts, dir)``."""
+    from spin_mcore.data.tokenize import TokenizedPrompt
+
+    return [(name, [TokenizedPrompt(f"{name}{i}", [1, 3 + i, 4 + i % 5], [7, i % 9 + 3]) for i in range(n)], out / name)
+            for name, n in (("train", 20), ("heldout", 9))]
+
+
+def _write_engine_shards(out: Path) -> None:
+    """Every engine shard of :func:`_conversion_sets` (2 samples per prompt), so generate_with_engine only
+    converts: no export, no engine start."""
+    for _, prompts, gen_dir in _conversion_sets(out):
+        for k in range(-(-len(prompts) // 3)):
+            protocol.write_engine_shard(gen_dir / "engine", k, [
+                protocol.sample_record(p.id, s, [5 + s, 6 + k, p.prompt_ids[1]], [-0.25, -0.5, -1.0 - s], "length")
+                for p in prompts[3 * k:3 * k + 3] for s in range(2)])
+
+
+def _conversion_cfg():
+    return load_config(overrides=["generation.backend=vllm", "generation.shard_size=3", "generation.num_samples=2",
+                                  "generation.max_new_tokens=3", "model.seq_length=16"])
+
+
+def _convert_rank(out: str) -> list:
+    """Rank worker: generate_with_engine over finished engine shards; returns the (set, shard)s this rank converted."""
+    from spin_mcore.platform import init_distributed
+
+    cfg = _conversion_cfg()
+    pstate = init_distributed(cfg.parallel, seed=0)
+    seen, real = [], external.convert_shard
+
+    def spy(engine_dir, k, *args):
+        seen.append((Path(engine_dir).parent.name, k))
+        return real(engine_dir, k, *args)
+
+    external.convert_shard = spy
+
+    def no_model():
+        raise AssertionError("every shard is generated: nothing should load a model")
+
+    status = external.generate_with_engine(cfg, pstate, no_model, _conversion_sets(Path(out)), _DigitTokenizer(), 0,
+                                           "ckpt", Path(out))
+    assert status == {"engine_starts": 0}
+    return seen
+
+
+def test_conversion_spread_over_two_ranks_is_byte_identical_to_one_rank(tmp_path):
+    """Each rank converts the i-th shard to convert when i % world == rank (both sets in one round robin); the
+    generate stages (shards, manifests) are byte for byte those of a single rank, decoded text included."""
+    from spin_mcore.launcher import run_local
+
+    dirs = {}
+    for world in (1, 2):
+        dirs[world] = tmp_path / f"world{world}"
+        _write_engine_shards(dirs[world])
+        got = run_local(_convert_rank, world, str(dirs[world]))
+        if world == 2:
+            todo = [("train", k) for k in range(7)] + [("heldout", k) for k in range(3)]
+            assert got == [todo[0::2], todo[1::2]]  # rank 1 converted train 1, 3, 5 and heldout 0, 2
+        else:
+            assert len(got[0]) == 10
+    files = {w: {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()
+                 and "engine" not in p.parts} for w, d in dirs.items()}
+    assert sorted(map(str, files[1])) == sorted(
+        [f"{n}/manifest.json" for n in ("train", "heldout")] + [f"train/shard-{k:05d}.jsonl" for k in range(7)]
+        + [f"heldout/shard-{k:05d}.jsonl" for k in range(3)])
+    assert files[1] == files[2]
+    manifest = json.loads(files[2][Path("train/manifest.json")])
+    assert manifest["complete"] and list(manifest["shards"]) == [f"{k:05d}" for k in range(7)]
+    rec = json.loads(files[2][Path("train/shard-00001.jsonl")].splitlines()[0])
+    assert (rec["prompt_id"], rec["generated"], rec["engine_logp"], rec["real"]) == ("train3", "5 7 6", -1.75, "7 6")

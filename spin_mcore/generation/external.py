@@ -6,7 +6,8 @@ instance per iteration, ``generation.engine_instances`` data-parallel instances 
       export_hf(...)                every rank: theta_t as HF safetensors (deleted after the step)
       instance_layout(...)          which rank leads (starts) each instance, on which node, in which GPU slot
       run_engine(...)               each leading rank: its instances' worker processes, to completion
-      finish_stages(...)            rank 0: engine shards -> ``generate`` stage shards + manifests
+      finish_stages(...)            every rank: its share of the engine shards -> ``generate`` shards;
+                                    rank 0: the manifests
 
 Instances claim shards from the job's work queue (``protocol.claim_shard``), so a slow instance does
 not hold the others, and a killed one's claimed, unwritten shards are served by the next run.
@@ -513,8 +514,8 @@ def generate_with_engine(cfg, pstate, load_model, sets: list[tuple], tokenizer, 
         if engine.get("failed"):
             raise RuntimeError(f"a generation engine instance failed ({engine['failed']}; its message is in the "
                                f"output of rank {engine['failed_rank']})")
+    finish_stages(cfg, plan, pstate, tokenizer, iteration, checkpoint_id, engine)
     if pstate.rank == 0:
-        finish_stages(cfg, plan, tokenizer, iteration, checkpoint_id, engine)
         if plan.needed:
             atomic_write_json(Path(work_dir) / "engine.json", {"backend": g.backend, **engine})
         shutil.rmtree(export, ignore_errors=True)  # a 70B export is 140 GB per iteration
@@ -563,34 +564,58 @@ def _gather_engines(engine: dict, failure: Optional[BaseException], rank: int) -
     return out
 
 
-def finish_stages(cfg, plan: EnginePlan, tokenizer, iteration: int, checkpoint_id: str, engine: dict) -> dict:
-    """Rank 0: each set's engine shards become its ``generate`` shards; finalise the manifests.
+def finish_stages(cfg, plan: EnginePlan, pstate, tokenizer, iteration: int, checkpoint_id: str, engine: dict) -> dict:
+    """Collective: each set's engine shards become its ``generate`` shards, converted by every rank;
+    rank 0 then writes each set's manifest once and finalises it.
 
-    engine: the worker's status (``engine_starts`` 0 when every shard was already generated).
-    Returns ``{set name: summary}``.
+    The shards to convert (each set's ``todo``, sets in order) are dealt out round robin: the i-th goes
+    to rank ``i % world``, so a resumed run's scattered leftovers still spread evenly. Rank 0 sends each
+    rank its shards' prompts; each rank reads those engine shards from the shared file system, decodes
+    and writes its generate shards atomically. The gather of every rank's manifest entries is the
+    barrier after which rank 0 adds them to the manifests, in shard order, so the stage is byte for
+    byte the one a single rank writes. A kill before that loses only conversions: the engine shards
+    stay, and the rerun converts them again without generating.
+
+    engine: the workers' merged status (``engine_starts`` 0 when every shard was already generated).
+    Returns ``{set name: summary}`` on rank 0, ``{}`` on the other ranks.
     """
     g, params = cfg.generation, plan.params
+    group = dist.new_group(backend="gloo") if _dist() else None
+    world = dist.get_world_size() if group is not None else 1
+    work = None
+    if pstate.rank == 0:
+        items = [(si, k) for si, s in enumerate(plan.sets) for k in s.todo]
+        work = [[(si, str(plan.sets[si].gen_dir), k, plan.sets[si].accepted[k * g.shard_size:(k + 1) * g.shard_size])
+                 for i, (si, k) in enumerate(items) if i % world == r] for r in range(world)]
+    mine = work[0] if group is None else _scatter(work, group)
+    done, failure, entries = {}, None, {}
+    try:
+        for si, gen_dir, k, chunk in mine:
+            engine_dir = Path(gen_dir) / "engine"
+            if gen_dir not in entries:
+                entries[gen_dir] = protocol.engine_entries(engine_dir)
+            done[(si, k)] = convert_shard(engine_dir, k, chunk, entries[gen_dir], tokenizer, iteration, params)
+    except Exception as exc:  # every rank learns of it from the gather below, then all raise
+        failure = exc
+    parts = [(done, None if failure is None else f"{type(failure).__name__}: {failure}")]
+    if group is not None:
+        mine_part, parts = parts[0], [None] * world
+        dist.all_gather_object(parts, mine_part, group=group)
+    if failure is not None:
+        raise failure
+    bad = next((r for r, (_, f) in enumerate(parts) if f), None)
+    if bad is not None:
+        raise RuntimeError(f"rank {bad} could not convert its engine shards ({parts[bad][1]})")
+    if pstate.rank != 0:
+        return {}
+    converted = {key: v for d, _ in parts for key, v in d.items()}
     summaries = {}
-    for s in plan.sets:
-        size, tokens = g.shard_size, 0
+    for si, s in enumerate(plan.sets):
+        tokens = 0
         for k in s.todo:
-            chunk = s.accepted[k * size:(k + 1) * size]
-            got = protocol.read_engine_shard(s.gen_dir / "engine", k)
-            by_key: dict = {}
-            for r in got:
-                by_key.setdefault(r["key"], []).append(r)
-            rows = [sorted(by_key.get(str(p.id), []), key=lambda r: r["sample_index"]) for p, _ in chunk]
-            if any(len(r) != params.num_samples for r in rows):
-                raise RuntimeError(f"{s.gen_dir}/engine shard {k}: expected {params.num_samples} samples per prompt")
-            recs = _records(chunk, [[r["generated_ids"] for r in row] for row in rows], tokenizer, iteration, params)
-            for rec, er in zip(recs, (r for row in rows for r in row)):
-                rec.update(engine_logp=er["engine_logp"], finish_reason=er["finish_reason"])
-            tokens += sum(len(r["generated_ids"]) for r in recs)
-            text, entry = _shard_text(recs)
-            name = f"shard-{k:05d}.jsonl"
-            atomic_write_text(s.gen_dir / name, text)
-            s.stage.manifest["shards"][f"{k:05d}"] = {"file": name, **entry}
-            atomic_write_json(s.stage.manifest_path, s.stage.manifest)
+            entry, shard_tokens = converted[(si, k)]
+            s.stage.manifest["shards"][f"{k:05d}"] = entry
+            tokens += shard_tokens
         summary = {"iteration": iteration, "prompts": len(s.accepted), "samples": len(s.accepted) * params.num_samples,
                    "shards": s.resumed + len(s.todo), "shards_resumed": s.resumed,
                    "generated_tokens_this_run": tokens,  # this set's; the engine's rate covers the whole job
@@ -598,8 +623,36 @@ def finish_stages(cfg, plan: EnginePlan, tokenizer, iteration: int, checkpoint_i
                    "tokens_per_s": round(engine.get("generated_tokens", 0) / max(engine.get("generate_seconds", 0), 1e-9), 2),
                    "backend": g.backend, "checkpoint": checkpoint_id, "engine_starts": engine.get("engine_starts", 0),
                    "engine_load_seconds": engine.get("load_seconds"), **s.report}
-        s.stage.finalize(summary)
+        s.stage.finalize(summary)  # the one manifest write of this set
         summaries[s.name] = summary
         print("generate (" + g.backend + "): " + ", ".join(f"{k}={summary[k]}" for k in (
             "prompts", "samples", "engine_starts", "generated_tokens_this_run", "tokens_per_s", "shards_resumed")))
     return summaries
+
+
+def _scatter(work: Optional[list], group) -> list:
+    """Rank 0's ``work[r]`` on each rank r. Collective over ``group``."""
+    out = [None]
+    dist.scatter_object_list(out, work, src=0, group=group)
+    return out[0]
+
+
+def convert_shard(engine_dir: Path, k: int, chunk: list, entries: dict, tokenizer, iteration: int,
+                  params: SamplingParams) -> tuple[dict, int]:
+    """Engine shard ``k`` of ``engine_dir`` -> generate shard ``k`` beside it (written atomically, not yet in
+    the manifest). chunk: the shard's ``(prompt, ids)`` pairs. entries: :func:`protocol.engine_entries`.
+    Returns (the shard's manifest entry, generated tokens)."""
+    got = protocol.read_engine_shard(engine_dir, k, entries)
+    by_key: dict = {}
+    for r in got:
+        by_key.setdefault(r["key"], []).append(r)
+    rows = [sorted(by_key.get(str(p.id), []), key=lambda r: r["sample_index"]) for p, _ in chunk]
+    if any(len(r) != params.num_samples for r in rows):
+        raise RuntimeError(f"{engine_dir} shard {k}: expected {params.num_samples} samples per prompt")
+    recs = _records(chunk, [[r["generated_ids"] for r in row] for row in rows], tokenizer, iteration, params)
+    for rec, er in zip(recs, (r for row in rows for r in row)):
+        rec.update(engine_logp=er["engine_logp"], finish_reason=er["finish_reason"])
+    text, entry = _shard_text(recs)
+    name = f"shard-{k:05d}.jsonl"
+    atomic_write_text(engine_dir.parent / name, text)
+    return {"file": name, **entry}, sum(len(r["generated_ids"]) for r in recs)

@@ -286,10 +286,16 @@ def write_engine_shard(out_dir: str | Path, index: int, records: list[dict]) -> 
                                                          "sha256": hashlib.sha256(text.encode()).hexdigest()})
 
 
-def read_engine_shard(out_dir: str | Path, index: int) -> list[dict]:
-    """Records of engine shard ``index`` (must be finished)."""
+def engine_entries(out_dir: str | Path) -> dict:
+    """Every finished shard's manifest entry (by ``"KKKKK"``), to pass to :func:`read_engine_shard`
+    when reading many shards: each lookup otherwise lists ``done/`` again."""
+    return _entries(out_dir)
+
+
+def read_engine_shard(out_dir: str | Path, index: int, entries: Optional[dict] = None) -> list[dict]:
+    """Records of engine shard ``index`` (must be finished); ``entries``: :func:`engine_entries`, read once."""
     out_dir = Path(out_dir)
-    entry = _entries(out_dir).get(f"{index:05d}")
+    entry = (_entries(out_dir) if entries is None else entries).get(f"{index:05d}")
     if entry is None:
         raise RuntimeError(f"{out_dir}: engine shard {index} is missing (the worker did not finish it)")
     with (out_dir / entry["file"]).open(encoding="utf-8") as fh:
