@@ -305,8 +305,10 @@ def test_tp2_pp2_matches_tp1(single):
 
 
 def _cli(out: Path, data: Path, init: Path, steps: int) -> list[str]:
+    # data.loader=dali: the resume restores each rank's DALI reader checkpoint (the torch loader's
+    # resume, from the step alone, is in tests/test_dali_loader.py).
     return [sys.executable, "-m", "spin_mcore.cli", "train", *BASE, "run.nproc=2", "train.micro_batch_size=1",
-            "train.global_batch_size=4", f"train.max_steps={steps}", "train.save_interval=4",
+            "train.global_batch_size=4", f"train.max_steps={steps}", "train.save_interval=4", "data.loader=dali",
             "--data", str(data), "--out", str(out), "--init", str(init)]
 
 
@@ -327,10 +329,13 @@ def test_killed_run_resumes_to_identicalcheckpoint_weights(single):
     proc.wait()
     at_kill = latest_checkpoint(killed / "train_state")
     assert at_kill is not None and not (killed / "model").exists(), "the run finished before it could be killed"
+    # 12 pairs, 4 per step: a save after step 4 or 8 is mid-epoch, with the DALI reader state in it
+    assert json.loads((at_kill / "done.json").read_text())["data_reader"] is True
 
     resumed = subprocess.run(_cli(killed, tmp / "ref", tmp / "init", steps), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["resumed_from"] is not None
+    assert "data loader: dali (data.loader=dali)" in resumed.stderr  # the progress bar's console line
     a, b = checkpoint_weights(tmp / "full" / "model"), checkpoint_weights(killed / "model")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0  # bitwise on CPU fp32
     la = [json.loads(x) for x in (tmp / "full" / "metrics.jsonl").read_text().splitlines()]
