@@ -13,7 +13,7 @@ IDS = torch.tensor([[0, 5, 299, 17, 128, 255, 3, 42, 256, 7, 1, 298],
 def _setup(hf_dir: str, tp: int, pp: int, seed: int = 0):
     from spin_mcore.config import ModelConfig, ParallelConfig, PrecisionConfig
     from spin_mcore.models.gpt import build_gpt_model
-    from spin_mcore.models.hf_config import hf_config_to_fields
+    from spin_mcore.hf_config import hf_config_to_fields
     from spin_mcore.platform import init_distributed
 
     model_cfg = ModelConfig(**hf_config_to_fields(hf_dir))

@@ -6,7 +6,7 @@ import pytest
 
 from spin_mcore.config import ConfigError, load_config, per_iteration
 from spin_mcore.models.gpt import padded_vocab_size
-from spin_mcore.models.presets import PRESETS
+from spin_mcore.presets import PRESETS
 
 
 def test_precedence_cli_over_file_over_defaults(tmp_path):
@@ -51,7 +51,7 @@ def test_llama3_70b_shapes():
         (["spin.loss=sigmoidal"], r"spin.loss='sigmoidal': must be one of"),
         (["train.optimizer=lion"], r"train.optimizer='lion'"),
         (["train.bogus=1"], r"train.bogus: unknown field"),
-        (["train.epochs=two"], r"train.epochs: expected int"),
+        (["train.epochs=two"], r"train.epochs='two': expected an integer"),
         (["nonsense"], r"expected key=value"),
     ],
 )

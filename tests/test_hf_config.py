@@ -20,13 +20,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from spin_mcore.config import ConfigError, ModelConfig, load_config  # noqa: E402
-from spin_mcore.models.hf_config import (  # noqa: E402
+from spin_mcore.hf_config import (  # noqa: E402
     HARMLESS_FIELDS,
     check_hf_config_matches,
     hf_config_dict,
     hf_config_to_fields,
 )
-from spin_mcore.models.presets import PRESETS  # noqa: E402
+from spin_mcore.presets import PRESETS  # noqa: E402
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 16}
@@ -243,8 +243,8 @@ def test_absent_mistral_sliding_window_is_transformers_default(tmp_path):
 
 @pytest.mark.parametrize("overrides, match", [
     (["model.rope_scaling=yarn"], r"model.rope_scaling='yarn': must be one of llama3"),
-    (["model.rope_scaling=llama3", "model.rope_low_freq_factor=4"], r"0 < rope_low_freq_factor < rope_high_freq_factor"),
-    (["model.rope_scaling=llama3", "model.rope_scaling_factor=0.5"], r"rope_scaling_factor >= 1"),
+    (["model.rope_scaling=llama3", "model.rope_low_freq_factor=4"], r"model.rope_scaling=llama3 needs rope_low_freq_factor < rope_high_freq_factor \(got 4.0, 4.0\)"),
+    (["model.rope_scaling=llama3", "model.rope_scaling_factor=0.5"], r"model.rope_scaling_factor=0.5: must be >= 1"),
 ])
 def test_rope_fields_are_validated(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -187,7 +187,7 @@ def _copy_with(src: str, dst: Path, edit) -> Path:
 
 def _model_cfg(hf_dir):
     from spin_mcore.config import ModelConfig
-    from spin_mcore.models.hf_config import hf_config_to_fields
+    from spin_mcore.hf_config import hf_config_to_fields
 
     return ModelConfig(**hf_config_to_fields(hf_dir))
 

@@ -91,9 +91,9 @@ def run(args) -> int:
     import json
 
     from spin_mcore.config import ModelConfig
+    from spin_mcore.hf_config import hf_config_to_fields
     from spin_mcore.models.checkpoint import dtype_name, model_config_from_meta, read_checkpoint_meta
     from spin_mcore.models.hf_convert import check_hf_checkpoint, hf_checkpoint_dtype
-    from spin_mcore.models.presets import hf_config_to_fields
 
     direction = (args.src_format, args.dst_format)
     src, dst = str(Path(args.src).absolute()), str(Path(args.dst).absolute())

@@ -27,6 +27,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from spin_mcore.config import Config, load_config
+from spin_mcore.data.human_pairs import sft_records, write_human_pairs
 from spin_mcore.utils.io import atomic_write_json, read_json
 
 SHIPPED_DATA = Path(__file__).resolve().parent.parent / "demo_data" / "arith.jsonl"
@@ -99,24 +100,6 @@ def _barrier():
         dist.barrier()
 
 
-def _records(prompts) -> list[dict]:
-    return [{"prompt_id": p.id, "prompt_ids": p.prompt_ids, "real_ids": p.response_ids} for p in prompts]
-
-
-def write_human_pairs(directory: Path, prompts, pstate) -> Path:
-    """A pair stage whose "generated" side is the human response: lets the reference pass score y alone."""
-    from spin_mcore.utils.shards import ShardedStage, fingerprint
-
-    records = [{**r, "generated_ids": r["real_ids"], "sample_index": 0} for r in _records(prompts)]
-    if pstate.is_logging_rank:
-        stage = ShardedStage(directory, "human_pairs", fingerprint([r["prompt_id"] for r in records]))
-        if not stage.complete:
-            stage.write_shard(0, records)
-            stage.finalize({"records": len(records)})
-    _barrier()
-    return directory
-
-
 def sft_to_plateau(cfg: Config, pstate, data, out: Path, max_rounds: int, plateau_tol: float = 0.02,
                    patience: int = 2, log=print) -> tuple[str, list[dict]]:
     """Rounds of one SFT epoch from random init until ``patience`` rounds in a row fail to lower the
@@ -135,7 +118,7 @@ def sft_to_plateau(cfg: Config, pstate, data, out: Path, max_rounds: int, platea
     best, best_theta, stale = float("inf"), None, 0
     for r in range(max_rounds):
         round_dir = out / f"round_{r}"
-        summary = train(cfg, pstate, _records(data.train), theta, round_dir, iteration=0)
+        summary = train(cfg, pstate, sft_records(data.train), theta, round_dir, iteration=0)
         theta = str(summary.get("model", round_dir / "model"))
         nll = heldout_nll(score_pairs(cfg, pstate, load_policy(cfg, pstate, theta), theta, [human],
                                       round_dir / "heldout_scores"))
@@ -248,7 +231,7 @@ def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool =
         ctrl_cfg.train.global_batch_size = ctrl_cfg.train.micro_batch_size = 2 * cfg.train.global_batch_size
         ctrl_cfg.train.max_steps = max(1, spin_sequences // ctrl_cfg.train.global_batch_size)
         ctrl_dir = out / name.replace(",", "").replace(" ", "_")
-        summary = train(ctrl_cfg, pstate, _records(sft_data.train), theta0, ctrl_dir, iteration=0)
+        summary = train(ctrl_cfg, pstate, sft_records(sft_data.train), theta0, ctrl_dir, iteration=0)
         theta_ctrl = str(summary.get("model", ctrl_dir / "model"))
         ctrl = evaluate(cfg, pstate, data, theta_ctrl, heldout0, ref0, ctrl_dir / "eval")
         ctrl.update(model=name, iteration=len(spin_rows), train_steps=summary.get("steps"))

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from spin_mcore.config import ModelConfig
+from spin_mcore.hf_config import dtype_name
 from spin_mcore.utils.io import atomic_write_json, remove_stale_tmp
 
 FORMAT = "spin_mcore.model/v1"
@@ -112,11 +113,6 @@ def publish_dir(tmp: Path, directory: Path) -> None:
     tmp.rename(directory)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"`` (the spelling HF configs use)."""
-    return str(dtype).replace("torch.", "")
 
 
 def weights_source(has_fp8_params: bool, optimizer) -> str:

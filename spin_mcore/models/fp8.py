@@ -1,8 +1,8 @@
-"""FP8 through Transformer Engine: the config checks, Megatron's FP8 kwargs, TE's recipe, the hardware check.
+"""FP8 through Transformer Engine: Megatron's FP8 kwargs, TE's recipe, the hardware check.
 
-Three pure functions, testable without a GPU:
+Pure functions, testable without a GPU (the ``precision.fp8_*`` fields themselves are checked by
+``spin_mcore.config.validate``, with the rest of the config):
 
-* :func:`validate_fp8` checks the ``precision.fp8_*`` fields (called by ``config.validate``);
 * :func:`fp8_transformer_kwargs` turns them into Megatron ``TransformerConfig`` kwargs;
 * :func:`te_recipe_spec` names the Transformer Engine recipe class and the arguments Megatron-Core
   0.16.1 builds it with (``megatron/core/fp8_utils.py::get_fp8_recipe``), so a CPU test can check
@@ -10,8 +10,8 @@ Three pure functions, testable without a GPU:
 * :func:`check_fp8_hardware` takes ``(compute capability, TE importable)`` and raises a
   ConfigError naming ``precision.recipe`` / ``precision.fp8_scaling`` and the hardware found.
 
-:func:`require_fp8_hardware` reads the real device and runs the check; ``build_transformer_config``
-calls it before any model is built.
+:func:`spin_mcore.models.gpt.require_fp8_hardware` reads the real device and runs the check;
+``build_transformer_config`` calls it before any model is built.
 
 What stays in higher precision whatever the recipe: the embedding and the output layer (Megatron's
 GPTModel output layer is a ``tensor_parallel.ColumnParallelLinear``, not a TE module, so no FP8
@@ -26,8 +26,6 @@ from typing import Optional
 
 from spin_mcore.config import ConfigError
 
-FORMATS = ("hybrid", "e4m3")
-SCALINGS = ("current", "delayed", "blockwise", "mxfp8")
 # Our names -> Megatron-Core 0.16.1 ``TransformerConfig.fp8_recipe`` (megatron/core/enums.py Fp8Recipe).
 MEGATRON_RECIPE = {"current": "tensorwise", "delayed": "delayed", "blockwise": "blockwise", "mxfp8": "mxfp8"}
 # TE class per recipe (transformer_engine.common.recipe), as megatron/core/fp8_utils.py picks it.
@@ -36,42 +34,6 @@ TE_RECIPE_CLASS = {"current": "Float8CurrentScaling", "delayed": "DelayedScaling
 # Minimum compute capability: FP8 tensor cores arrive with Ada/Hopper (8.9 / 9.0); MX block scaling
 # in hardware with Blackwell (10.x).
 MIN_CAPABILITY = {"current": (8, 9), "delayed": (8, 9), "blockwise": (8, 9), "mxfp8": (10, 0)}
-
-
-def validate_fp8(cfg) -> None:
-    """Check the ``precision`` section's FP8 fields (whatever the recipe, so a typo never waits for a GPU)."""
-    p = cfg.precision
-    if p.fp8_format not in FORMATS:
-        raise ConfigError(f"precision.fp8_format={p.fp8_format!r}: must be one of {', '.join(FORMATS)}")
-    if p.fp8_scaling not in SCALINGS:
-        raise ConfigError(f"precision.fp8_scaling={p.fp8_scaling!r}: must be one of {', '.join(SCALINGS)}")
-    if p.fp8_amax_compute_algo not in ("max", "most_recent"):
-        raise ConfigError(f"precision.fp8_amax_compute_algo={p.fp8_amax_compute_algo!r}: must be one of max, "
-                          "most_recent")
-    if p.fp8_amax_history_len < 1:
-        raise ConfigError(f"precision.fp8_amax_history_len={p.fp8_amax_history_len}: must be >= 1")
-    for name in ("fp8_bf16_first_layers", "fp8_bf16_last_layers"):
-        if getattr(p, name) < 0:
-            raise ConfigError(f"precision.{name}={getattr(p, name)}: must be >= 0")
-    if p.recipe != "fp8":
-        return
-    device = getattr(getattr(cfg, "platform", None), "device", "auto")
-    if device == "cpu":
-        raise ConfigError("precision.recipe=fp8 needs a CUDA GPU with compute capability >= 8.9 and Transformer "
-                          "Engine; platform.device=cpu has none (use precision.recipe=fp32 or bf16 on CPU)")
-    bf16_edges = p.fp8_bf16_first_layers + p.fp8_bf16_last_layers
-    if p.fp8_scaling == "delayed" and bf16_edges:
-        raise ConfigError(f"precision.fp8_scaling=delayed keeps no layers in bf16 (Megatron refuses first/last "
-                          f"layers in bf16 with delayed scaling): set precision.fp8_bf16_first_layers=0 and "
-                          f"precision.fp8_bf16_last_layers=0 (got {p.fp8_bf16_first_layers}, {p.fp8_bf16_last_layers})")
-    per_stage = cfg.model.num_layers // max(cfg.parallel.pp, 1)
-    for name in ("fp8_bf16_first_layers", "fp8_bf16_last_layers"):
-        if getattr(p, name) > per_stage:
-            raise ConfigError(f"precision.{name}={getattr(p, name)} exceeds the layers per pipeline stage "
-                              f"(model.num_layers / parallel.pp = {per_stage}; Megatron's limit)")
-    if p.fp8_param and not cfg.parallel.distributed_optimizer:
-        raise ConfigError("precision.fp8_param=true needs parallel.distributed_optimizer=true (FP8 parameters are "
-                          "all-gathered by the distributed optimizer); or set precision.fp8_param=false")
 
 
 def fp8_transformer_kwargs(precision) -> dict:
@@ -173,18 +135,6 @@ def check_fp8_hardware(precision, capability: Optional[tuple[int, int]], te_avai
     if not te_available:
         raise ConfigError(f"precision.recipe=fp8 needs Transformer Engine, which is not importable on this {found} "
                           "GPU: pip install 'spin_mcore[te]'")
-
-
-def require_fp8_hardware(precision, gpu: bool) -> None:
-    """:func:`check_fp8_hardware` on this process's current CUDA device (before any model is built)."""
-    if precision.recipe != "fp8":
-        return
-    import torch
-
-    from spin_mcore.models.gpt import have_transformer_engine
-
-    capability = torch.cuda.get_device_capability() if gpu and torch.cuda.is_available() else None
-    check_fp8_hardware(precision, capability, have_transformer_engine())
 
 
 # ----------------------------------------------------------------------------- FP8 parameters and their fp32 main copy

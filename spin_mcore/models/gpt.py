@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from spin_mcore.config import ConfigError, ModelConfig, PrecisionConfig
-from spin_mcore.models.fp8 import fp8_transformer_kwargs, require_fp8_hardware, uses_fp8_params
+from spin_mcore.models.fp8 import check_fp8_hardware, fp8_transformer_kwargs, uses_fp8_params
 from spin_mcore.models.rope import apply_rope_scaling
 
 
@@ -170,6 +170,15 @@ def have_transformer_engine() -> bool:
     except ImportError:
         return False
     return True
+
+
+def require_fp8_hardware(precision, gpu: bool) -> None:
+    """:func:`~spin_mcore.models.fp8.check_fp8_hardware` on this process's current CUDA device (before any model
+    is built)."""
+    if precision.recipe != "fp8":
+        return
+    capability = torch.cuda.get_device_capability() if gpu and torch.cuda.is_available() else None
+    check_fp8_hardware(precision, capability, have_transformer_engine())
 
 
 def build_layer_spec(gpu: bool, precision: PrecisionConfig):

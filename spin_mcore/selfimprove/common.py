@@ -228,7 +228,7 @@ def train_or_keep(cfg: Config, pstate, records: list[dict], init: str, theta: st
 def evaluate_policy(cfg: Config, pstate, data: VerifiedData, theta: str, work_dir: Path) -> dict:
     """Greedy and one sampled exact match (by the verifier; no-answer counts as wrong) and held-out NLL
     of the human responses, for ``theta`` on the held-out prompts. Collective."""
-    from spin_mcore.demo.experiment import write_human_pairs
+    from spin_mcore.data.human_pairs import write_human_pairs
     from spin_mcore.eval.builtin import decode_responses, heldout_nll
     from spin_mcore.generation.sampling import sampling_vocab_size
     from spin_mcore.loop import load_policy, score_pairs

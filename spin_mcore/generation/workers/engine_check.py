@@ -21,6 +21,7 @@ import json
 import sys
 from typing import Optional
 
+TRTLLM_PINNED = "1.3.0rc7"  # launch/setup_trtllm.sh installs this version; trtllm_worker.PINNED
 VLLM_ENGINE_ARGS = ("skip_tokenizer_init", "dtype", "seed", "max_model_len", "max_num_seqs", "tensor_parallel_size",
                     "logprobs_mode", "enforce_eager", "gpu_memory_utilization")
 VLLM_SAMPLING_ARGS = ("n", "temperature", "top_p", "top_k", "max_tokens", "stop_token_ids", "seed", "detokenize",
@@ -100,14 +101,12 @@ def check_vllm() -> dict:
 
 
 def check_trtllm() -> dict:
-    from spin_mcore.generation.workers.trtllm_worker import PINNED
-
     setup = "bash launch/setup_trtllm.sh"
     trtllm, problem = _import("tensorrt_llm", setup)
     if trtllm is None:
         return {"backend": "trtllm", "ok": False, "version": None, "problems": [problem]}
     version = getattr(trtllm, "__version__", None)
-    fix = f"the TensorRT-LLM worker needs tensorrt_llm=={PINNED} (`{setup}`)"
+    fix = f"the TensorRT-LLM worker needs tensorrt_llm=={TRTLLM_PINNED} (`{setup}`)"
     problems = []
     mode = logprob_mode_problem(trtllm)
     if mode is not None:
@@ -132,7 +131,7 @@ def check_trtllm() -> dict:
     for name in TRTLLM_FP8_MODULES:
         if importlib.util.find_spec(name) is None:
             problems.append(f"{name} is not installed (generation.engine_quantization=fp8 needs it; tensorrt_llm=="
-                            f"{PINNED} brings it): `{setup}`")
+                            f"{TRTLLM_PINNED} brings it): `{setup}`")
     return {"backend": "trtllm", "ok": not problems, "version": version, "problems": problems}
 
 

@@ -87,9 +87,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from spin_mcore.generation.workers.engine_check import TRTLLM_PINNED as PINNED  # see the module docstring
 from spin_mcore.generation.workers.vllm_worker import sample_seed
 
-PINNED = "1.3.0rc7"  # launch/setup_trtllm.sh installs this version (see the module docstring)
 NO_END_ID = -1  # what base_worker sends for ignore_eos: no token ends a request through the END_ID path
 FP8_CALIBRATION_PROMPTS = 128
 FP8_GPU_FRACTION = 0.85  # of each GPU's free memory for bf16 weights; the rest holds calibration activations

@@ -1,7 +1,7 @@
 """Named model presets, and the model config taken from a preset and/or an HF ``config.json``.
 
 Presets give the published architectures; ``tiny`` is the CPU test model. The HF
-mapping lives in :mod:`spin_mcore.models.hf_config`. Explicit ``model.*`` fields
+mapping lives in :mod:`spin_mcore.hf_config`. Explicit ``model.*`` fields
 in a config file or override win over the preset and the HF config.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from spin_mcore.models.hf_config import SUPPORTED_HF_ARCHITECTURES, hf_config_to_fields  # noqa: F401 (re-export)
+from spin_mcore.errors import ConfigError
+from spin_mcore.hf_config import SUPPORTED_HF_ARCHITECTURES, hf_config_to_fields  # noqa: F401 (re-export)
 
 _LLAMA3_70B = dict(family="llama", num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64,
                    num_query_groups=8, vocab_size=128256, seq_length=8192, rope_theta=500000.0, norm_eps=1e-5)
@@ -44,8 +45,6 @@ def resolve_model_config(model, explicit: set[str] | None = None):
     base: dict = {}
     if model.preset is not None:
         if model.preset not in PRESETS:
-            from spin_mcore.config import ConfigError
-
             raise ConfigError(f"model.preset={model.preset!r}: unknown preset (known: {', '.join(PRESETS)})")
         base.update(PRESETS[model.preset])
     if model.hf_config is not None:

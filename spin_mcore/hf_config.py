@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from spin_mcore.config import ConfigError
+from spin_mcore.errors import ConfigError
 
 SUPPORTED_HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 
@@ -305,6 +305,11 @@ def check_hf_config_matches(hf_dir: str | Path, model_cfg) -> None:
                           f"sliding-window attention is not implemented; set model.seq_length <= {window}")
 
 
+def dtype_name(dtype) -> str:
+    """``torch.float32`` -> ``"float32"`` (the spelling HF configs use)."""
+    return str(dtype).replace("torch.", "")
+
+
 def hf_config_dict(model_cfg, dtype, base: Optional[dict] = None) -> dict:
     """An HF ``config.json`` for ``LlamaForCausalLM`` / ``MistralForCausalLM`` that :func:`hf_config_to_fields` reads back.
 
@@ -313,8 +318,6 @@ def hf_config_dict(model_cfg, dtype, base: Optional[dict] = None) -> dict:
     in both layouts (``rope_theta`` + ``rope_scaling`` for transformers 4,
     ``rope_parameters`` for transformers >= 5). ``dtype``: a torch dtype.
     """
-    from spin_mcore.models.checkpoint import dtype_name
-
     m = model_cfg
     arch = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral")}[m.family]
     scaling = None
