@@ -58,36 +58,37 @@ def save_random_theta0(out_dir, vocab_size: int = TINY_VOCAB) -> None:
     save_model_checkpoint(build_gpt_model(cfg.model, pstate, cfg.precision), pstate, out_dir, cfg.model)
 
 
-def make_tiny_spin_inputs(root: Path, records: int = 240) -> tuple[Path, Path]:
-    """The first ``records`` demo records, a SentencePiece tokenizer trained on them and a random theta_0
-    under ``root``. Returns (root, tokenizer.model path)."""
+def make_tiny_data(root: Path, records: int = 240) -> tuple[Path, Path]:
+    """The first ``records`` demo records as ``root/arith.jsonl`` and a SentencePiece tokenizer trained on
+    them. Returns (root, tokenizer.model path)."""
     import json
 
     from spin_mcore.data.templates import format_prompt
     from spin_mcore.data.tokenizer import train_sentencepiece
-    from spin_mcore.launcher import run_local
 
     lines = SHIPPED_DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:records]
     (root / "arith.jsonl").write_text("".join(lines), encoding="utf-8")
     recs = [json.loads(line) for line in lines]
     tok = train_sentencepiece([format_prompt(r["prompt"], "instruction") + r["response"] for r in recs],
                               root / "tokenizer", vocab_size=TINY_VOCAB, seed=0)
+    return root, tok
+
+
+def make_tiny_spin_inputs(root: Path, records: int = 240) -> tuple[Path, Path]:
+    """:func:`make_tiny_data` plus a random theta_0 under ``root``. Returns (root, tokenizer.model path)."""
+    from spin_mcore.launcher import run_local
+
+    root, tok = make_tiny_data(root, records)
     run_local(save_random_theta0, 1, str(root / "theta0"), TINY_VOCAB)
     return root, tok
 
 
 def hf_greedy_until(model, prompts: list[list[int]], stop: int, max_new: int) -> list[list[int]]:
-    """transformers' greedy continuations of each prompt, stopping on ``stop`` (kept at the end, as y keeps EOS)."""
-    import torch
+    """transformers' greedy continuations of each prompt, stopping on ``stop`` (kept at the end, as y keeps EOS);
+    the same function the one-GPU acceptance run compares the engine with on CUDA."""
+    from spin_mcore.acceptance.checks_engine import hf_greedy_until as greedy
 
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
-                                 eos_token_id=stop, pad_token_id=0)
-            outs.append(gen[0, len(p):].tolist())
-    return outs
+    return greedy(model, prompts, stop, max_new)
 
 
 def hf_logp(model, prompt: list[int], gen: list[int]) -> float:

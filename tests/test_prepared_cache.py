@@ -16,21 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SHIPPED_DATA, TINY_VOCAB
+from tests.helpers import make_tiny_data
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from spin_mcore.data.templates import format_prompt
-    from spin_mcore.data.tokenizer import train_sentencepiece
-
-    root = tmp_path_factory.mktemp("prepared")
-    lines = SHIPPED_DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:80]
-    (root / "arith.jsonl").write_text("".join(lines), encoding="utf-8")
-    recs = [json.loads(line) for line in lines]
-    tok = train_sentencepiece([format_prompt(r["prompt"], "instruction") + r["response"] for r in recs],
-                              root / "tokenizer", vocab_size=TINY_VOCAB, seed=0)
-    return root, tok
+    return make_tiny_data(tmp_path_factory.mktemp("prepared"), 80)
 
 
 def _data_cfg(inputs, **changes):

@@ -142,17 +142,10 @@ def _save_theta0(out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def loop_inputs(tmp_path_factory):
     """Demo data, a SentencePiece tokenizer trained on it, and a random theta_0 with head size 32."""
-    from spin_mcore.data.templates import format_prompt
-    from spin_mcore.data.tokenizer import train_sentencepiece
-    from tests.helpers import SHIPPED_DATA, TINY_VOCAB
+    from tests.helpers import make_tiny_data
 
     _need_vllm_env()
-    root = tmp_path_factory.mktemp("vllm_loop")
-    lines = SHIPPED_DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:240]
-    (root / "arith.jsonl").write_text("".join(lines), encoding="utf-8")
-    recs = [json.loads(line) for line in lines]
-    tok = train_sentencepiece([format_prompt(r["prompt"], "instruction") + r["response"] for r in recs],
-                              root / "tokenizer", vocab_size=TINY_VOCAB, seed=0)
+    root, tok = make_tiny_data(tmp_path_factory.mktemp("vllm_loop"), 240)
     run_local(_save_theta0, 1, str(root / "theta0"))
     return root, tok
 
