@@ -118,6 +118,7 @@ def _same(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("packed", [False, True])
 def test_dali_and_torch_give_the_same_batches_token_for_token(tmp_path, dp, packed):
     from spin_mcore.training.batches import make_plan, open_training_data
+    from spin_mcore.training.loader import open_steps
 
     records = _scored_records(22)
     stage = _write_stage(tmp_path / "ref", records)
@@ -127,8 +128,8 @@ def test_dali_and_torch_give_the_same_batches_token_for_token(tmp_path, dp, pack
     torch_data = open_training_data("torch", [stage], "spin")
     assert (dali.loader, torch_data.loader) == ("dali", "torch") and dali.n_items == torch_data.n_items == 22
     for rank in range(dp):
-        d_reader = dali.steps(plan, total, _pstate(rank, dp))
-        t_reader = torch_data.steps(plan, total, _pstate(rank, dp))
+        d_reader = open_steps(dali, plan, total, _pstate(rank, dp))
+        t_reader = open_steps(torch_data, plan, total, _pstate(rank, dp))
         got = _batches(d_reader, plan, total, packed, mb, rank)
         want = _batches(t_reader, plan, total, packed, mb, rank)
         d_reader.close()

@@ -269,18 +269,6 @@ class TrainingData:
     examples: Optional[list] = None
     files: Optional[list] = None
 
-    def steps(self, plan: StepPlan, total_steps: int, pstate, start_step: int = 0, state: Optional[dict] = None):
-        """This rank's step reader (``.step_examples(step)``, ``.state()``, ``.close()``), at ``start_step``."""
-        from spin_mcore.training.loader import DaliSteps, TorchSteps
-
-        if self.loader == "torch":
-            return TorchSteps(self.examples, plan, pstate.dp_rank)
-        device_id = None
-        if pstate.device.type == "cuda":
-            device_id = pstate.device.index if pstate.device.index is not None else torch.cuda.current_device()
-        return DaliSteps(self.files, plan, total_steps, pstate.dp_rank, pstate.dp, start_step, state, device_id,
-                         need_generated=self.objective == "spin", need_refs=self.objective == "spin")
-
 
 def open_training_data(setting: str, sources: Sequence, objective: str, rank: int = 0) -> TrainingData:
     """Resolve ``data.loader`` = ``setting`` for ``sources`` (stage directories and/or in-memory records).

@@ -1,6 +1,6 @@
 """The trainer's step readers: this DP rank's records of each optimizer step, from DALI or torch.
 
-    TrainingData.steps(plan, ...)   -> DaliSteps | TorchSteps       (training/batches.open_training_data)
+    open_steps(data, plan, ...)     -> DaliSteps | TorchSteps       (data: training/batches.open_training_data)
     reader.step_examples(step)      -> [Example] * (global_batch / dp), micro-batch order
     reader.state()                  -> what resumes it (DALI: its reader checkpoint; torch: None)
 
@@ -23,6 +23,20 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+
+from spin_mcore.training.batches import Example, StepPlan, TrainingData
+
+
+def open_steps(data: TrainingData, plan: StepPlan, total_steps: int, pstate, start_step: int = 0,
+               state: Optional[dict] = None):
+    """This rank's step reader of ``data`` (``.step_examples(step)``, ``.state()``, ``.close()``), at ``start_step``."""
+    if data.loader == "torch":
+        return TorchSteps(data.examples, plan, pstate.dp_rank)
+    device_id = None
+    if pstate.device.type == "cuda":
+        device_id = pstate.device.index if pstate.device.index is not None else torch.cuda.current_device()
+    return DaliSteps(data.files, plan, total_steps, pstate.dp_rank, pstate.dp, start_step, state, device_id,
+                     need_generated=data.objective == "spin", need_refs=data.objective == "spin")
 
 
 def rank_items(plan, step: int, dp_rank: int) -> list[int]:
@@ -87,7 +101,6 @@ class DaliSteps:
     def step_examples(self, step: int) -> list:
         """This rank's Examples of ``step`` (``global_batch / dp``, micro-batch order); steps are read in order."""
         from spin_mcore.data.token_store import decode_record
-        from spin_mcore.training.batches import Example
 
         if step != self.next_step or self.reader is None:
             raise RuntimeError(f"DALI reader: step {step + 1} asked, the reader is at step {self.next_step + 1}")

@@ -37,6 +37,7 @@ import torch
 from spin_mcore.config import ConfigError, per_iteration
 from spin_mcore.platform import preemption
 from spin_mcore.training.batches import collate, make_plan, open_training_data, pad_multiple, step_microbatches
+from spin_mcore.training.loader import open_steps
 from spin_mcore.training.metrics import MetricsLogger
 from spin_mcore.training.reference import loss_spec
 from spin_mcore.training.step import STAT_NAMES, rows_per_microbatch, train_step
@@ -256,7 +257,7 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
                               f"{total_steps}; use a fresh output directory")
 
     # DALI resumes from its own reader checkpoint (saved with the train_state); torch from the step.
-    reader = records.steps(plan, total_steps, pstate, step, loop.get("reader_state") if resume_from else None)
+    reader = open_steps(records, plan, total_steps, pstate, step, loop.get("reader_state") if resume_from else None)
     writer = CheckpointWriter(state_root, pstate, keep=t_cfg.keep_checkpoints, async_save=use_async_save(t_cfg))
 
     def save_state() -> None:
