@@ -205,8 +205,9 @@ def test_async_save_matches_sync_and_skips_the_last_step(dp2):
         assert r["sync_state"] == r["async_state"] == ["step_00000003", "step_00000006"]
         assert r["async"]["steps"] == STEPS and r["async"]["final"]["loss"] == r["sync"]["final"]["loss"]
     assert _same_weights(tmp / "sync" / "model", tmp / "async" / "model")
+    # data_reader: the default loader (data.loader=auto) is DALI here, whose reader state is saved too
     assert json.loads((tmp / "async" / "train_state" / "step_00000006" / "done.json").read_text()) == \
-        {"step": 6, "world_size": 2}
+        {"step": 6, "world_size": 2, "data_reader": True}
 
 
 def test_training_continues_while_the_save_is_written(dp2):
