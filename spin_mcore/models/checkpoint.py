@@ -19,6 +19,10 @@ output layer may differ between TP sizes; Megatron marks those two tensors
 holds for virtual pipeline stages: each chunk names its layers by their global
 number, so a checkpoint saved at PP2 x VP2 loads at PP1 and the other way round.
 
+Saves and loads go through Megatron's fully-parallel strategy wrappers over the data-parallel group
+(:func:`save_strategy`, :func:`load_strategy`, shared with the training-state checkpoints): each DP
+replica writes, or reads, a share of the replicated weights.
+
 Saves are atomic: every rank writes into ``DIR.tmp-<token>``; after a barrier rank
 0 renames it to ``DIR``. A killed save leaves only the ``.tmp-`` directory, which
 no loader looks at, so a half-written checkpoint never looks complete; the next save
@@ -115,6 +119,44 @@ def publish_dir(tmp: Path, directory: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def dp_group():
+    """The group over which the model state is replicated (data parallel, with context parallel); None
+    outside a ``torch.distributed`` world with Megatron's groups."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def save_strategy(cache: bool = False):
+    """torch_dist in Megatron's ``FullyParallelSaveStrategyWrapper`` over :func:`dp_group`: each DP replica
+    writes a share of the replicated state instead of replica 0 writing all of it. None (Megatron's
+    default strategy) without a group. ``cache``: keep the save plan between calls, for a strategy
+    object reused on state dicts of one structure (the training-state writer)."""
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    group = dp_group()
+    if group is None:
+        return None
+    return FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy("torch_dist", 1), group,
+                                            do_cache_distribution=cache)
+
+
+def load_strategy(directory: str | Path):
+    """The checkpoint's own load strategy in Megatron's ``FullyParallelLoadStrategyWrapper`` over
+    :func:`dp_group`: each DP replica reads a share and the replicas exchange them, instead of every
+    replica reading the whole checkpoint. None (the default) without a group."""
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    group = dp_group()
+    if group is None:
+        return None
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(directory)), group)
+
+
 def weights_source(has_fp8_params: bool, optimizer) -> str:
     """Where a model checkpoint's values come from: the optimizer's fp32 main params when the model's
     params are FP8 and an optimizer holds main params, else the model params themselves (fp32 or bf16
@@ -208,7 +250,8 @@ def save_model_checkpoint(model, pstate, directory: str | Path, model_cfg: Model
     fp8_params = _fp8_params(chunks)
     has_fp8 = _any_rank(bool(fp8_params), next(chunks[0].parameters()).device)
     source = weights_source(has_fp8, optimizer)
-    dist_checkpointing.save(_sharded_weights(chunks, source, fp8_params, optimizer), str(tmp / WEIGHTS_DIR))
+    dist_checkpointing.save(_sharded_weights(chunks, source, fp8_params, optimizer), str(tmp / WEIGHTS_DIR),
+                            sharded_strategy=save_strategy())
     if _rank() == 0:
         params_dtype = next(chunks[0].parameters()).dtype
         saved_parallel = {"tp": pstate.tp, "pp": pstate.pp}
@@ -322,7 +365,7 @@ def load_model_checkpoint(model, pstate, directory: str | Path) -> dict:
     chunks = bare_chunks(model)
     _check_architecture(chunks[0], meta, directory)
     state = dist_checkpointing.load(chunked_state_dict(chunks, lambda c: c.sharded_state_dict()),
-                                    str(directory / WEIGHTS_DIR))
+                                    str(directory / WEIGHTS_DIR), sharded_strategy=load_strategy(directory / WEIGHTS_DIR))
     for core, chunk_state in zip(chunks, chunk_entries(chunks, state)):
         # Every parameter must come from the checkpoint (models built for loading skip their
         # random init); Megatron's _extra_state entries may be absent.

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from spin_mcore.models.checkpoint import load_strategy, save_strategy
 from spin_mcore.utils.io import atomic_write_json, read_json
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -124,30 +125,6 @@ def _rank0_object(obj):
     return box[0]
 
 
-def _dp_group():
-    """The group over which the model state is replicated (data parallel, with context parallel)."""
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_group(with_context_parallel=True)
-
-
-def _save_strategy():
-    """torch_dist, fully parallel over the DP group; one object per run, so its save plan is cached."""
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-
-    return FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy("torch_dist", 1), _dp_group(),
-                                            do_cache_distribution=True)
-
-
-def _load_strategy(directory: Path):
-    """The checkpoint's own load strategy, fully parallel over the DP group (each replica reads a share)."""
-    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
-
-    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(directory)), _dp_group())
-
-
 def _prepare_tmp(root: Path, final: Path, pstate) -> Path:
     """Collective: an empty ``step_N.tmp`` for this save; stale temporaries and an incomplete ``final`` removed."""
     tmp = root / f"{final.name}.tmp"
@@ -207,7 +184,7 @@ class CheckpointWriter:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self.root, self.pstate, self.keep = Path(root), pstate, keep
-        self.strategy = _save_strategy()
+        self.strategy = save_strategy(cache=True)  # one object per run: its save plan is cached
         # Temporal (fork per save), not persistent: a spawned persistent worker would receive the
         # tensors through shared memory, which on CPU are the live parameters, not a snapshot.
         self.queue = AsyncCallsQueue(persistent=False) if async_save else None
@@ -320,7 +297,7 @@ def load_train_checkpoint(directory: str | Path, model, optimizer, scheduler, ps
     with_reader = data_reader and same_world and bool(done.get("data_reader"))
     if with_reader:
         state["data_reader"] = _reader_object(pstate, None)
-    loaded = dist_checkpointing.load(state, str(directory), sharded_strategy=_load_strategy(directory))
+    loaded = dist_checkpointing.load(state, str(directory), sharded_strategy=load_strategy(directory))
     chunks = bare_chunks(model)
     for bare, chunk_state in zip(chunks, chunk_entries(chunks, loaded["model"])):
         bare.load_state_dict(chunk_state)
