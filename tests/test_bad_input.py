@@ -99,6 +99,27 @@ CASES = {
     "vocab": (None, ["model.vocab_size=256"],
               [f"has {TOKENIZER_VOCAB} tokens but model.vocab_size=256", "data.tokenizer="]),
     "num_prompts": (None, ["data.num_prompts=1000"], ["ok.jsonl: data.num_prompts=1000 but only 285 records remain"]),
+    # every setting by its type and bounds (list items too), before anything reads the data
+    "lr_word": (None, ["train.lr=[abc]"], ["config error: train.lr[0]='abc': expected a number"]),
+    "beta_word": (None, ["spin.beta=[0.1,abc]"], ["config error: spin.beta[1]='abc': expected a number"]),
+    "micro_zero": (None, ["train.micro_batch_size=0"], ["config error: train.micro_batch_size=0: must be >= 1"]),
+    "lr_negative": (None, ["train.lr=[5e-7,-1e-7]"], ["train.lr[1]=-1e-07: must be > 0"]),
+    "lr_empty": (None, ["train.lr=[]"], ["train.lr=[]: expected at least one value"]),
+    "lr_nan": (None, ["train.lr=[nan]"], ["train.lr[0]='nan': expected a number"]),
+    "percent": (None, ["data.heldout_fraction=5"], ["data.heldout_fraction=5.0: must be in [0, 1)"]),
+    "top_p": (None, ["generation.top_p=0"], ["generation.top_p=0.0: must be in (0, 1]"]),
+    "temperature": (None, ["generation.temperature=-0.7"], ["generation.temperature=-0.7: must be >= 0"]),
+    "tp_half": (None, ["parallel.tp=1.5"], ["parallel.tp=1.5: expected an integer"]),
+    "epochs_word": (None, ["train.epochs=two"], ["train.epochs='two': expected an integer"]),
+    "bool_typo": (None, ["data.skip_bad_lines=ture"], ["data.skip_bad_lines='ture': expected true or false"]),
+    "template": (None, ["data.template=chatml"], ["data.template='chatml': must be one of instruction, chat"]),
+    "lr_mapping": (None, ["train.lr={peak: 1e-5}"], ["train.lr[0]={'peak': '1e-5'}: expected a number"]),
+    "instances": (None, ["generation.engine_instances=all"], ["generation.engine_instances='all': expected auto or "
+                                                               "an integer"]),
+    "memory": (None, ["generation.engine_memory_fraction=90"], ["generation.engine_memory_fraction=90.0: must be in "
+                                                                 "(0, 1]"]),
+    "keep": (None, ["train.keep_checkpoints=0"], ["train.keep_checkpoints=0: must be >= 1"]),
+    "warmup": (None, ["train.warmup_fraction=1"], ["train.warmup_fraction=1.0: must be in [0, 1)"]),
 }
 
 
@@ -170,6 +191,45 @@ def test_generate_train_eval_run_the_same_preflight(inputs, tmp_path, capsys, no
                          "--out", str(tmp_path / "eval")])
     assert line.startswith("spin-mcore eval: ") and "small.jsonl: 10 records leave no held-out prompt" in line
     assert all(_no_outputs(tmp_path / d) for d in ("run", "gen", "train", "eval"))
+
+
+SPIN = Path(sys.executable).parent / "spin-mcore"  # the installed console script
+
+
+def test_console_script_refuses_a_mistyped_setting_in_one_line(inputs, tmp_path):
+    """The issue's three tracebacks (TypeError on '<' twice, ZeroDivisionError) through the installed script:
+    one line, exit 1, nothing written. The three run side by side (each start-up imports torch)."""
+    cases = {"train.lr=[abc]": "config error: train.lr[0]='abc': expected a number",
+             "spin.beta=[0.1,abc]": "config error: spin.beta[1]='abc': expected a number",
+             "train.micro_batch_size=0": "config error: train.micro_batch_size=0: must be >= 1"}
+    procs = {override: subprocess.Popen([str(SPIN), "run", *_overrides(inputs, inputs.ok, tmp_path / "run", override)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for override in cases}
+    for override, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and err.strip() == f"spin-mcore run: {cases[override]}", (override, err)
+    assert _no_outputs(tmp_path / "run")
+
+
+def test_every_field_is_typed_and_bounded():
+    """No field is left untyped (Any, bare list) and each size/rate/fraction carries bounds in its metadata."""
+    import dataclasses
+    import typing
+
+    from spin_mcore.config import Config
+
+    loose, unbounded = [], []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if tp in (typing.Any, list) or (typing.get_origin(tp) is list and not typing.get_args(tp)):
+                loose.append(f"{section.name}.{f.name}")
+            numeric = {int, float} & ({tp} | set(typing.get_args(tp)))
+            if numeric and not {"ge", "gt", "le", "lt"} & set(f.metadata):
+                unbounded.append(f"{section.name}.{f.name}")
+    assert loose == [] and unbounded == [], (loose, unbounded)
 
 
 def test_console_script_prints_one_line(inputs, tmp_path):
@@ -340,9 +400,128 @@ def _save_worker(root: str) -> dict:
             "left": sorted(p.name for p in root.iterdir()), "theta_1": sorted(p.name for p in (root / "theta_1").iterdir())}
 
 
-def test_saves_remove_a_killed_saves_leftovers(tmp_path):
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One rank's tiny model saved as mcore ``theta_1`` and exported to ``hf``, beside a killed save's leftovers."""
     from spin_mcore.launcher import run_local
 
-    out = run_local(_save_worker, 1, str(tmp_path))[0]
+    root = tmp_path_factory.mktemp("saved")
+    out = run_local(_save_worker, 1, str(root))[0]
+    return SimpleNamespace(root=root, out=out, theta=root / "theta_1", hf=root / "hf")
+
+
+def test_saves_remove_a_killed_saves_leftovers(saved):
+    out = saved.out
     assert out["iteration"] == 1 and out["theta_1"] == ["model", "spin_mcore.json"]
     assert out["left"] == ["hf", "theta_1", "theta_2.tmp-keep"]  # another target's tmp is not this save's business
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(src, dst))
+
+
+def _truncate(path: Path) -> tuple[int, int]:
+    """Cut ``path`` to half its length; returns (new size, old size)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return len(data) // 2, len(data)
+
+
+def test_save_records_every_weights_file_with_its_size_and_sha256(saved):
+    import hashlib
+
+    meta = json.loads((saved.theta / "spin_mcore.json").read_text())
+    on_disk = sorted(p.relative_to(saved.theta / "model").as_posix() for p in (saved.theta / "model").rglob("*")
+                     if p.is_file())
+    assert sorted(meta["files"]) == on_disk and {".metadata", "common.pt", "metadata.json"} <= set(on_disk)
+    for rel, rec in meta["files"].items():
+        data = (saved.theta / "model" / rel).read_bytes()
+        assert rec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "hashed": "whole"}
+
+
+def test_damaged_mcore_checkpoints_are_named_file_by_file(saved, tmp_path):
+    from spin_mcore.models.integrity import CheckpointCorrupt, check_model_checkpoint
+
+    check_model_checkpoint(saved.theta)  # the intact one passes
+    last = sorted(p.name for p in (saved.theta / "model").glob("*.distcp"))[-1]
+
+    def damaged(name, damage) -> tuple[Path, str]:
+        ck = _copy(saved.theta, tmp_path / name)
+        return ck, damage(ck / "model")
+
+    def truncate(d):
+        size, _ = _truncate(d / last)
+        return rf"model/{last}: truncated: {size} bytes, .metadata places data up to byte \d+"
+
+    def flip(d):
+        data = bytearray((d / last).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (d / last).write_bytes(bytes(data))
+        return rf"model/{last}: its SHA-256 differs from the one recorded at save time"
+
+    def grow(d):
+        with open(d / last, "ab") as f:
+            f.write(b"\0" * 10)
+        return rf"model/{last}: \d+ bytes, \d+ at save time"
+
+    cases = {
+        "truncated": truncate, "flipped": flip, "grown": grow,
+        "no_common": lambda d: (d / "common.pt").unlink() or "model/common.pt: missing",
+        "no_distcp": lambda d: (d / last).unlink() or rf"model/{last}: missing \(named by .metadata\)",
+        "bad_metadata": lambda d: (d / ".metadata").write_bytes(b"not a pickle") and r"model/.metadata: unreadable",
+        "empty_json": lambda d: (d / "metadata.json").write_text("") or r"model/metadata.json: empty \(0 bytes\)",
+    }
+    for name, damage in cases.items():
+        ck, pattern = damaged(name, damage)
+        with pytest.raises(CheckpointCorrupt, match=rf"^checkpoint {ck} is damaged: {pattern}"):
+            check_model_checkpoint(ck)
+    # a checkpoint saved before the manifest existed: the structure is still checked against .metadata
+    old = _copy(saved.theta, tmp_path / "no_manifest")
+    meta = json.loads((old / "spin_mcore.json").read_text())
+    del meta["files"]
+    (old / "spin_mcore.json").write_text(json.dumps(meta))
+    check_model_checkpoint(old)
+    _truncate(old / "model" / last)
+    with pytest.raises(CheckpointCorrupt, match=rf"model/{last}: truncated"):
+        check_model_checkpoint(old)
+
+
+def test_truncated_distcp_through_the_console_script_is_one_line_and_exit_1(inputs, saved, tmp_path):
+    """The issue's rc 3 with PyTorch's multi-line CheckpointException: the rank that loads refuses the file first."""
+    ck = _copy(saved.theta, tmp_path / "theta0")
+    last = sorted((ck / "model").glob("*.distcp"))[-1]
+    size, _ = _truncate(last)
+    proc = subprocess.run([str(SPIN), "run", *_overrides(inputs, inputs.ok, tmp_path / "run",
+                                                         f"run.init_checkpoint={ck}")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    lines = proc.stderr.strip().splitlines()  # data-loading progress lines may come first
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert sum(line.startswith("spin-mcore ") for line in lines) == 1, proc.stderr
+    assert lines[-1].startswith(f"spin-mcore run: error: checkpoint {ck} is damaged: model/{last.name}: truncated: "
+                                f"{size} bytes, .metadata places data up to byte "), proc.stderr
+
+
+def test_damaged_safetensors_are_refused_in_one_line(saved, tmp_path, capsys):
+    from spin_mcore.models.integrity import CheckpointCorrupt, check_hf_weights
+
+    check_hf_weights(saved.hf)
+    hf = _copy(saved.hf, tmp_path / "hf")
+    size, _ = _truncate(hf / "model.safetensors")
+    line = _cli(capsys, ["convert", "--from", "hf", "--to", "mcore", "--src", str(hf), "--dst", str(tmp_path / "out")])
+    assert line.startswith(f"spin-mcore convert: error: checkpoint {hf} is damaged: model.safetensors: truncated: "
+                           f"{size} bytes, its header places tensors up to byte "), line
+    assert not (tmp_path / "out").exists()
+    data = (saved.hf / "model.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")  # the JSON header's length
+    for content, pattern in [(data[:5], r"5 bytes, shorter than a safetensors header"),
+                             (b"\xff" * 8 + data[8:], r"truncated: \d+ bytes, its header alone claims"),
+                             (data[:8] + b"{" * n + data[8 + n:], r"its safetensors header is not valid JSON"),
+                             (data + b"\0\0\0", r"3 bytes follow the last tensor its header names")]:
+        (hf / "model.safetensors").write_bytes(content)
+        with pytest.raises(CheckpointCorrupt, match=rf"^checkpoint {hf} is damaged: model.safetensors: {pattern}"):
+            check_hf_weights(hf)

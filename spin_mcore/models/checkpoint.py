@@ -4,7 +4,11 @@ Layout of a checkpoint directory ``DIR``::
 
     DIR/model/            dist_checkpointing of ``GPTModel.sharded_state_dict()`` (torch_dist)
     DIR/spin_mcore.json   {"format", "model": ModelConfig fields, "params_dtype", "saved_parallel",
-                           "weights_source", "weights_precision", **extra}
+                           "weights_source", "weights_precision", "files", **extra}
+
+``files`` records the size and SHA-256 of every file under ``model/``; each load checks them, and
+that every file PyTorch's ``.metadata`` names is there and long enough, first
+(:mod:`spin_mcore.models.integrity`), so a damaged checkpoint is refused in one line naming the file.
 
 ``weights_source`` says where the saved values came from: ``model_params``, or
 ``optimizer_main_params`` for a trained model with FP8 parameters, whose own values are FP8 roundings
@@ -43,11 +47,10 @@ import torch.distributed as dist
 
 from spin_mcore.config import ModelConfig
 from spin_mcore.hf_config import dtype_name
+from spin_mcore.models.integrity import MANIFEST_KEY, META_FILE, WEIGHTS_DIR, check_model_checkpoint, file_manifest
 from spin_mcore.utils.io import atomic_write_json, remove_stale_tmp
 
 FORMAT = "spin_mcore.model/v1"
-META_FILE = "spin_mcore.json"
-WEIGHTS_DIR = "model"
 _RESERVED_KEYS = ("format", "model", "params_dtype", "saved_parallel", "weights_source", "weights_precision")
 MODEL_PARAMS = "model_params"
 MAIN_PARAMS = "optimizer_main_params"
@@ -265,6 +268,8 @@ def save_model_checkpoint(model, pstate, directory: str | Path, model_cfg: Model
             "weights_source": source,
             "weights_precision": weights_precision(source, has_fp8, params_dtype),
             **extra,
+            # every rank's files are written once save() returns here: their sizes and hashes, checked at load
+            MANIFEST_KEY: file_manifest(tmp / WEIGHTS_DIR),
         }
         # Written last: its presence is what marks the weights as complete.
         atomic_write_json(tmp / META_FILE, meta)
@@ -362,6 +367,7 @@ def load_model_checkpoint(model, pstate, directory: str | Path) -> dict:
 
     directory = Path(directory)
     meta = read_checkpoint_meta(directory)
+    check_model_checkpoint(directory)  # a missing or truncated file: one line naming it, not PyTorch's traceback
     chunks = bare_chunks(model)
     _check_architecture(chunks[0], meta, directory)
     state = dist_checkpointing.load(chunked_state_dict(chunks, lambda c: c.sharded_state_dict()),

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from spin_mcore.config import ModelConfig
 from spin_mcore.models.checkpoint import bare_chunks, publish_dir, shared_tmp_dir, unwrap_model
+from spin_mcore.models.integrity import check_safetensors
 from spin_mcore.hf_config import check_hf_config_matches, hf_config_dict
 from spin_mcore.utils.io import remove_stale_tmp
 
@@ -123,6 +124,8 @@ class SafetensorsDir:
             files = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{self.path}: no *.safetensors weights found")
+        for f in files:  # a cut or overwritten file: one line naming it, not the Rust reader's error
+            check_safetensors(self.path / f, checkpoint=self.path)
         self._handles = {f: safe_open(str(self.path / f), framework="pt") for f in files}
         self._where: dict[str, str] = {}
         for f, handle in self._handles.items():
