@@ -255,6 +255,13 @@ def _train_worker(tmp: str) -> dict:
         torch.distributed.barrier()
         out[dst] = train(_cfg(common + ["train.max_steps=6", f"data.loader={loader}"]), pstate, [tmp / "ref"],
                          str(tmp / "init"), tmp / dst)
+    # A stage written before the token store: converted on first read (rank 0, the others wait), then DALI.
+    if pstate.rank == 0:
+        shutil.copytree(tmp / "ref", tmp / "ref_old")
+        _strip_store(tmp / "ref_old")
+    torch.distributed.barrier()
+    out["converted"] = train(_cfg(common + ["train.max_steps=6", "data.loader=dali"]), pstate, [tmp / "ref_old"],
+                             str(tmp / "init"), tmp / "converted")
     done = json.loads((tmp / "run_dali" / "train_state" / "step_00000004" / "done.json").read_text())
     out["dali_done"] = done
     return out
@@ -286,6 +293,8 @@ def test_spin_loss_and_weights_are_bitwise_equal_between_loaders_at_dp2(dp2_runs
         assert [x["grad_norm"] for x in la] == [x["grad_norm"] for x in lb]
         assert _weights_equal(tmp / a, tmp / b)  # bitwise on CPU fp32
     assert res["dali_done"]["data_reader"] is True  # the DALI reader checkpoint went into the train_state
+    assert _weights_equal(tmp / "converted", tmp / "run_torch")  # an old stage, converted on first read
+    assert (tmp / "ref_old" / "tokens-00000").is_dir()
 
 
 def test_a_run_resumes_across_loaders_to_the_same_weights(dp2_runs):

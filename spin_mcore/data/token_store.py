@@ -189,14 +189,16 @@ def stage_files(sources, rank: int, barrier=None) -> Optional[list[str]]:
     """Record files of all ``sources`` (stage directories) in item order, or None when one has no store.
 
     A stage written before the store existed is converted on this first read by ``rank`` 0
-    (:func:`convert_stage`); ``barrier`` (a callable, e.g. ``torch.distributed.barrier``) then lets
-    the other ranks see it.
+    (:func:`convert_stage`); ``barrier`` (a callable, e.g. ``torch.distributed.barrier``, called on
+    every rank) then lets the other ranks see it.
     """
-    missing = [s for s in sources if record_files(s) is None]
-    if missing and rank == 0:
-        for source in missing:
-            convert_stage(source)
-    if missing and barrier is not None:
+    if rank == 0:
+        for source in sources:
+            if record_files(source) is None:
+                convert_stage(source)
+    # Always: a rank that decided "nothing to convert" from a manifest rank 0 had just rewritten
+    # would otherwise skip the barrier rank 0 waits in.
+    if barrier is not None:
         barrier()
     files: list[str] = []
     for source in sources:
