@@ -33,6 +33,26 @@ build and weight load, and for the in-process engine its KV-cache allocation.
 A greedy check runs the first prompts through all three (8 tokens, no stop ids) and
 compares the token ids.
 
+Two rows measure the engine worker itself (``spin_mcore.generation.workers.vllm_worker``), on the
+same prompts, in shards of ``max_num_seqs`` prompts, with the response-length mix reported
+(mean / p50 / p90 / max generated tokens; the 2% stop set makes them vary):
+
+* feed: one vLLM engine (the vLLM child's), shard at a time (``serve_per_shard``: one blocking
+  ``LLM.generate`` per shard, which lasts as long as its longest sample) vs the windowed feed
+  (``serve``: ``add_request`` / ``step`` with ``2 x max_num_seqs`` prompts in flight across shard
+  boundaries), in alternating order; tokens/s over all rounds, wall and CPU, and the sampled ids of
+  the two compared (each prompt's seed is its own, so they must be equal).
+* instances: 1 vs 2 engine instances (``generation.engine_instances``) serving one work queue: two
+  processes each load the worker's engine, and each round the named instances serve a fresh job
+  with the worker's windowed feed, claiming shards through the job's claim files as the instances
+  of a run do (``protocol.claim_shard``). A round starts only once both engines are up, so the
+  timed span (first start to last end) holds generation only, and rounds alternate which count
+  goes first. Each instance gets its own ``T`` cores (``VLLM_CPU_OMP_THREADS_BIND``) when two fit
+  the machine, as each instance has its own GPUs on a cluster. On 2 cores that is one core each,
+  and every instance also runs an engine-core and a front-end process, so two instances compete
+  for the cores with each other (and with anything else running): the row shows what a second
+  instance yields here, not a GPU cluster's scaling.
+
     python benchmarks/generation.py [--quick] [--threads T]
 
 The last line is JSON with the headline figures.
@@ -297,24 +317,80 @@ def vllm_child(spec_path: str) -> None:
             r = (cpu_end - cpu, wall_end - wall, sum(len(o) for o in outs), worker_end - worker)
             best = r if best is None or r[0] < best[0] else best
         rows[str(b)] = best
-    atomic_write_json(spec["result"], {"startup_s": startup, "greedy": greedy, "batches": rows,
+    feed = feed_rows(job, llm, vllm, spec["feed"])
+    atomic_write_json(spec["result"], {"startup_s": startup, "greedy": greedy, "batches": rows, "feed": feed,
                                        "vllm": vllm.__version__})
 
 
-def run_vllm(python: Path, directory: str, work: Path, prompts, greedy_prompts, batches, new: int, stops, vocab: int,
-             threads: int, repeats: int) -> dict:
-    """Start :func:`vllm_child` under ``python`` (the vLLM environment) and return its result."""
+def _feed_job(job, prompts_path: str, out_dir: Path, shard_size: int, n_prompts: int, feed: str = ""):
+    """A job of one prompt set (``n_prompts`` prompts in shards of ``shard_size``) served into ``out_dir``."""
     from spin_mcore.generation.workers import protocol
 
-    job = protocol.Job(model=directory, dtype="float32", max_model_len=SEQ,
-                       engine={"max_num_seqs": max(batches), "memory_fraction": None, "tensor_parallel_size": 1,
-                               "seed": 0, "device": "cpu"},
-                       sampling={"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": new,
-                                 "num_samples": 1, "seed": 0, "stop_ids": stops, "vocab_size": vocab,
-                                 "model_vocab_size": vocab},
-                       sets=[], status=str(work / "status.json"))
+    m = int(job.engine["max_num_seqs"])
+    pset = protocol.PromptSet("bench", prompts_path, str(out_dir), "bench", shard_size,
+                              list(range(-(-n_prompts // shard_size))))
+    return protocol.Job(model=job.model, dtype=job.dtype, max_model_len=job.max_model_len,
+                        engine={**job.engine, "window": 2 * m, "feed": feed}, sampling=job.sampling, sets=[pset],
+                        status=str(out_dir / "status.json"))
+
+
+def served_samples(out_dir: Path) -> dict:
+    """{(key, sample index): generated ids} of every shard an engine stage finished."""
+    from spin_mcore.generation.workers import protocol
+
+    entries = protocol.engine_entries(out_dir)
+    return {(r["key"], r["sample_index"]): r["generated_ids"]
+            for k in sorted(int(e) for e in entries) for r in protocol.read_engine_shard(out_dir, k, entries)}
+
+
+def feed_rows(job, llm, vllm, spec: dict) -> dict:
+    """Shard at a time vs the windowed feed on this child's engine (see module docstring), ``spec["rounds"]``
+    rounds in alternating order. Per side: summed cpu seconds (all processes), wall seconds, tokens, and
+    the model worker's cpu seconds; ``lengths``: every sample's generated tokens; ``same_samples``."""
+    from spin_mcore.generation.workers import protocol, vllm_worker
+
+    work = Path(spec["dir"])
+    prompts_path = str(work / "prompts.jsonl")
+    protocol.write_prompts(prompts_path, [f"p{i}" for i in range(len(spec["prompts"]))], spec["prompts"])
+    serve = {"shard": vllm_worker.serve_per_shard, "windowed": vllm_worker.serve}
+    sums = {side: [0.0, 0.0, 0, 0.0] for side in serve}
+    samples = {}
+    for r in range(spec["rounds"]):
+        for side in (("shard", "windowed") if r % 2 == 0 else ("windowed", "shard")):
+            out = work / f"{side}-{r}"
+            fjob = _feed_job(job, prompts_path, out, spec["shard_size"], len(spec["prompts"]), side)
+            (cpu, worker), wall = _tree_cpu(), time.perf_counter()
+            counts = serve[side](fjob, llm, vllm)
+            (cpu_end, worker_end), wall_end = _tree_cpu(), time.perf_counter()
+            for i, v in enumerate((cpu_end - cpu, wall_end - wall, counts["generated_tokens"], worker_end - worker)):
+                sums[side][i] += v
+            samples.setdefault(side, served_samples(out))
+    return {"sides": sums, "same_samples": samples["shard"] == samples["windowed"],
+            "lengths": [len(v) for v in samples["windowed"].values()], "rounds": spec["rounds"],
+            "shard_size": spec["shard_size"], "window": 2 * int(job.engine["max_num_seqs"])}
+
+
+def bench_job(directory: str, work: Path, max_num_seqs: int, new: int, stops, vocab: int):
+    """The engine job every vLLM measurement starts from: fp32, sampled at T=1, one sample per prompt."""
+    from spin_mcore.generation.workers import protocol
+
+    return protocol.Job(model=directory, dtype="float32", max_model_len=SEQ,
+                        engine={"max_num_seqs": max_num_seqs, "memory_fraction": None, "tensor_parallel_size": 1,
+                                "seed": 0, "device": "cpu"},
+                        sampling={"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": new,
+                                  "num_samples": 1, "seed": 0, "stop_ids": stops, "vocab_size": vocab,
+                                  "model_vocab_size": vocab},
+                        sets=[], status=str(work / "status.json"))
+
+
+def run_vllm(python: Path, directory: str, work: Path, prompts, greedy_prompts, batches, new: int, stops, vocab: int,
+             threads: int, repeats: int, feed_rounds: int) -> dict:
+    """Start :func:`vllm_child` under ``python`` (the vLLM environment) and return its result."""
+    job = bench_job(directory, work, max(batches), new, stops, vocab)
+    (work / "feed").mkdir()
     spec = {"job": str(job.save(work / "job.json")), "prompts": prompts, "greedy_prompts": greedy_prompts,
-            "greedy_new": GREEDY_NEW, "batches": list(batches), "repeats": repeats, "result": str(work / "vllm.json")}
+            "greedy_new": GREEDY_NEW, "batches": list(batches), "repeats": repeats, "result": str(work / "vllm.json"),
+            "feed": {"dir": str(work / "feed"), "prompts": prompts, "shard_size": max(batches), "rounds": feed_rounds}}
     (work / "spec.json").write_text(json.dumps(spec))
     env = _env(threads)
     env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}" if threads > 1 else "0"
@@ -324,6 +400,122 @@ def run_vllm(python: Path, directory: str, work: Path, prompts, greedy_prompts, 
     if out.returncode != 0:
         raise RuntimeError(f"vLLM benchmark child failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads((work / "vllm.json").read_text())
+
+
+# ----------------------------------------------------------------------------- engine instances (a shared work queue)
+
+
+def instance_child(spec_path: str, index: int) -> None:
+    """Runs under the vLLM environment's interpreter: engine instance ``index`` of the instance rows.
+
+    Loads ``vllm.LLM`` with the worker's settings, writes ``ready-<index>``, then for each round waits
+    for ``go-<round>.json`` (which names the instances that serve it and the job) and, when named,
+    serves the job's work queue with the worker's windowed feed (``vllm_worker.serve``: claims shared
+    with the other instance through the job's claim files), writing ``done-<round>-<index>.json``
+    (wall start/end, cpu seconds of its processes, tokens). The parent releases a round only once
+    every instance is up, so engine starts never overlap the timed generation.
+    """
+    from spin_mcore.generation.workers import protocol, vllm_worker
+    from spin_mcore.utils.io import atomic_write_json
+
+    spec = json.loads(Path(spec_path).read_text())
+    work = Path(spec["dir"])
+    import vllm
+
+    llm = vllm.LLM(**vllm_worker.llm_kwargs(protocol.Job.load(spec["job"])))
+    (work / f"ready-{index}").write_text("up")
+    for r in range(spec["rounds"]):
+        go = work / f"go-{r}.json"
+        while not go.exists():
+            time.sleep(0.01)
+        order = json.loads(go.read_text())
+        if index < order["instances"]:
+            job = protocol.Job.load(order["job"])
+            job.instance = index
+            os.environ["SPIN_ENGINE_RUN"] = f"round-{r}"  # one run: the instances share its claims
+            cpu, start = _tree_cpu()[0], time.time()
+            counts = vllm_worker.serve(job, llm, vllm)
+            atomic_write_json(work / f"done-{r}-{index}.json", {"start": start, "end": time.time(),
+                                                               "cpu": _tree_cpu()[0] - cpu, **counts})
+
+
+def _bind(index: int, threads: int) -> str:
+    """Instance ``index``'s cores (``VLLM_CPU_OMP_THREADS_BIND``): its own ``threads`` when two instances' fit
+    the machine, as each engine instance has its own GPUs; else unbound (the OS shares the cores)."""
+    if 2 * threads > (os.cpu_count() or 1):
+        return "nobind"
+    lo = index * threads
+    return f"{lo}-{lo + threads - 1}" if threads > 1 else str(lo)
+
+
+def _wait_for(files: list[Path], procs: list) -> None:
+    """Until every file exists; RuntimeError with its log's tail when an instance child exits first."""
+    while not all(f.exists() for f in files):
+        for proc, log in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM instance child failed (exit {proc.returncode}):\n{log.read_text()[-4000:]}")
+        time.sleep(0.05)
+
+
+def instance_rows(python: Path, directory: str, work: Path, prompts, max_num_seqs: int, new: int, stops,
+                  vocab: int, threads: int, rounds: int) -> dict:
+    """1 vs 2 engine instances on one work queue (see module docstring), ``rounds`` rounds each, alternating
+    which goes first. Per count: summed span seconds (first start to last end), cpu seconds, tokens,
+    and every round's per-instance shards and tokens."""
+    from spin_mcore.generation.workers import protocol
+
+    work = work / "instances"
+    work.mkdir()
+    base = bench_job(directory, work, max_num_seqs, new, stops, vocab)
+    prompts_path = work / "prompts.jsonl"
+    protocol.write_prompts(prompts_path, [f"p{i}" for i in range(len(prompts))], prompts)
+    order = [n for r in range(rounds) for n in ((1, 2) if r % 2 == 0 else (2, 1))]
+    spec = {"dir": str(work), "job": str(base.save(work / "job.json")), "rounds": len(order)}
+    (work / "spec.json").write_text(json.dumps(spec))
+    procs = []
+    for i in range(2):
+        env = _env(threads)
+        env.update(VLLM_CPU_OMP_THREADS_BIND=_bind(i, threads), VLLM_CPU_KVCACHE_SPACE="1")
+        log = work / f"instance-{i}.log"
+        with log.open("w") as fh:  # the child holds its own copy of the descriptor
+            procs.append((subprocess.Popen([str(python), __file__, "--instance-child", str(work / "spec.json"),
+                                            str(i)], env=env, stdout=fh, stderr=subprocess.STDOUT), log))
+    out = {n: {"span_s": 0.0, "cpu_s": 0.0, "tokens": 0, "rounds": []} for n in (1, 2)}
+    samples = {}
+    try:
+        _wait_for([work / f"ready-{i}" for i in range(2)], procs)
+        for r, n in enumerate(order):
+            job = _feed_job(base, str(prompts_path), work / f"out-{r}", max_num_seqs, len(prompts))
+            (work / f"go-{r}.json").write_text(json.dumps({"instances": n, "job": str(job.save(work / f"job-{r}.json"))}))
+            done = [work / f"done-{r}-{i}.json" for i in range(n)]
+            _wait_for(done, procs)
+            parts = [json.loads(d.read_text()) for d in done]
+            out[n]["span_s"] += max(p["end"] for p in parts) - min(p["start"] for p in parts)
+            out[n]["cpu_s"] += sum(p["cpu"] for p in parts)
+            out[n]["tokens"] += sum(p["generated_tokens"] for p in parts)
+            out[n]["rounds"].append([{"shards": p["shards"], "tokens": p["generated_tokens"]} for p in parts])
+            samples.setdefault(n, served_samples(work / f"out-{r}"))
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return {"counts": out, "same_samples": samples[1] == samples[2], "prompts": len(prompts), "rounds": rounds,
+            "bind": [_bind(i, threads) for i in range(2)]}
+
+
+def length_mix(lengths: list[int]) -> dict:
+    """mean / p50 / p90 / max of generated tokens per sample."""
+    ordered = sorted(lengths)
+
+    def pct(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"mean": round(sum(ordered) / len(ordered), 1), "p50": pct(0.5), "p90": pct(0.9), "max": ordered[-1]}
 
 
 # ----------------------------------------------------------------------------- main
@@ -344,6 +536,7 @@ def main() -> None:
                     help="interpreter of the vLLM environment (bash launch/setup_vllm.sh creates it)")
     ap.add_argument("--vllm-child", help=argparse.SUPPRESS)
     ap.add_argument("--startup-child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--instance-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads < 1 or args.threads > (os.cpu_count() or 1):
         raise ValueError(f"--threads={args.threads}: must be in 1..{os.cpu_count()} (the cores vLLM binds to)")
@@ -352,6 +545,8 @@ def main() -> None:
         raise ValueError(f"--repeats={args.repeats}: must be >= 1")
     if args.vllm_child:
         return vllm_child(args.vllm_child)
+    if args.instance_child:
+        return instance_child(args.instance_child[0], int(args.instance_child[1]))
     import torch
 
     torch.set_num_threads(args.threads)
@@ -378,8 +573,10 @@ def main() -> None:
         startup = {"ours": measure_startup("ours", directory, max(batches), max_len, args.threads),
                    "hf": measure_startup("hf", directory, max(batches), max_len, args.threads)}
         vl = run_vllm(vllm_python, directory, Path(tmp), prompts, greedy_prompts, batches, new, stops, vocab,
-                      args.threads, args.repeats)
+                      args.threads, args.repeats, 2 * args.repeats)
         startup["vllm"] = vl["startup_s"]
+        inst = instance_rows(vllm_python, directory, Path(tmp), make_prompts(size, 4 * len(prompts)), max(batches),
+                             new, stops, vocab, args.threads, args.repeats)
         model, pstate = load_ours(directory, 1, max_len)
 
     g_ours, g_hf = greedy_ours(model, pstate, greedy_prompts, vocab), greedy_hf(hf, greedy_prompts)
@@ -415,6 +612,37 @@ def main() -> None:
         print(f"{b:>5} {cpu['ours']:>10.1f} {cpu['hf']:>9.1f} {cpu['vllm']:>10.1f} {r['ours_over_hf']:>8.2f} "
               f"{r['vllm_over_ours']:>9.2f} {r['vllm_over_hf']:>8.2f}   "
               f"{wall['ours']:.1f} / {wall['hf']:.1f} / {wall['vllm']:.1f}   {vllm_worker:.1f}")
+    feed = vl["feed"]
+    fs = {side: {"tok_s": round(v[2] / v[1], 1), "cpu_tok_s": round(v[2] / v[0], 1), "tokens": v[2]}
+          for side, v in feed["sides"].items()}
+    feed_row = {"prompts": len(prompts), "shard_size": feed["shard_size"], "window_prompts": feed["window"],
+                "rounds": feed["rounds"], "length_mix": length_mix(feed["lengths"]), "same_samples": feed["same_samples"],
+                **{f"{side}_{k}": v for side, d in fs.items() for k, v in d.items()},
+                "windowed_over_shard": round(fs["windowed"]["tok_s"] / fs["shard"]["tok_s"], 2),
+                "windowed_over_shard_cpu": round(fs["windowed"]["cpu_tok_s"] / fs["shard"]["cpu_tok_s"], 2)}
+    mix = feed_row["length_mix"]
+    print(f"feed (one vLLM engine, {len(prompts)} prompts in shards of {feed['shard_size']} = max_num_seqs, "
+          f"{feed['rounds']} alternating rounds; generated tokens per sample mean {mix['mean']}, p50 {mix['p50']}, "
+          f"p90 {mix['p90']}, max {mix['max']}): shard at a time {fs['shard']['tok_s']:.1f} tok/s wall "
+          f"({fs['shard']['cpu_tok_s']:.1f} per CPU s), windowed ({feed['window']} prompts in flight) "
+          f"{fs['windowed']['tok_s']:.1f} ({fs['windowed']['cpu_tok_s']:.1f}): {feed_row['windowed_over_shard']:.2f}x "
+          f"wall, {feed_row['windowed_over_shard_cpu']:.2f}x CPU; same samples: {feed['same_samples']}")
+    ic = inst["counts"]
+    inst_row = {"prompts": inst["prompts"], "rounds": inst["rounds"], "same_samples": inst["same_samples"],
+                "bind": inst["bind"],
+                **{f"instances_{n}_tok_s": round(c["tokens"] / c["span_s"], 1) for n, c in ic.items()},
+                **{f"instances_{n}_cpu_tok_s": round(c["tokens"] / c["cpu_s"], 1) for n, c in ic.items()},
+                "per_round": {str(n): c["rounds"] for n, c in ic.items()}}
+    inst_row["two_over_one"] = round(inst_row["instances_2_tok_s"] / inst_row["instances_1_tok_s"], 2)
+    print(f"engine instances (one work queue, {inst['prompts']} prompts in shards of {max(batches)}, {inst['rounds']} "
+          f"round(s) each, {args.threads} thread(s) per instance, cores {' / '.join(inst['bind'])}, on "
+          f"{os.cpu_count()} cores): 1 instance {inst_row['instances_1_tok_s']:.1f} tok/s wall "
+          f"({inst_row['instances_1_cpu_tok_s']:.1f} per CPU s), 2 instances {inst_row['instances_2_tok_s']:.1f} "
+          f"({inst_row['instances_2_cpu_tok_s']:.1f}): {inst_row['two_over_one']:.2f}x; shards per instance "
+          f"{[r['shards'] for r in ic[2]['rounds'][0]]}; same samples: {inst['same_samples']}"
+          + ("; each instance also runs an engine-core and a front-end process, so on 2 cores two instances "
+             "compete for them with each other (and with whatever else runs here)" if (os.cpu_count() or 1) <= 2
+             else ""))
     load_after = os.getloadavg()
     print(f"load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
           f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} on {os.cpu_count()} cores")
@@ -424,6 +652,9 @@ def main() -> None:
                       "startup_s": {k: round(v, 2) for k, v in startup.items()}, "batches": rows,
                       "ours_over_hf_at_32": rows[32]["ours_over_hf"], "target_ours_over_hf_at_32": 1.5,
                       "vllm_over_ours_at_32": rows[32]["vllm_over_ours"], "vllm_over_hf_at_32": rows[32]["vllm_over_hf"],
+                      "feed": feed_row, "windowed_over_shard": feed_row["windowed_over_shard"],
+                      "instances": inst_row, "two_instances_over_one": inst_row["two_over_one"],
+                      "cores": os.cpu_count(),
                       "loadavg_1min": [round(load_before[0], 2), round(load_after[0], 2)], "vllm": vl["vllm"]}))
 
 

@@ -468,7 +468,8 @@ def generate_with_engine(cfg, pstate, load_model, sets: list[tuple], tokenizer, 
     again). ``after_export``: called once the export is written, so the caller's copy of the model leaves
     the device (the loop parks its resident theta_t in host memory); by default the model is dropped.
     Each instance's leading rank starts it (:func:`run_engine`); the other ranks wait in
-    :func:`long_barrier` meanwhile; a failure or preemption of any instance reaches every rank.
+    :func:`long_barrier` meanwhile; a failure or preemption of any instance reaches every rank. Then
+    every rank converts its share of the engine shards into the ``generate`` stages (:func:`finish_stages`).
     """
     import gc
 
