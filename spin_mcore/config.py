@@ -248,7 +248,8 @@ class TrainConfig:
                 "rank's write finished. auto (on: Megatron's async path runs on CUDA and, through spin_mcore's CPU "
                 "emulation, on CPU/gloo), true, or false (synchronous).")
     keep_checkpoints: int = _f(
-        2, "Complete training checkpoints (train_state/step_*) to keep; older ones are deleted.", ge=1)
+        2, "Complete training checkpoints (train_state/step_*) to keep; older ones are deleted (0 keeps every one).",
+        ge=0)
     max_skipped_steps: int = _f(10, "Abort after this many steps skipped for non-finite loss/grad.", ge=0)
     log_interval: int = _f(1, "Steps between console/TensorBoard log lines.", ge=1)
     seed: int = _f(42, "Seed for data order, initialisation and dropout.", ge=0)

@@ -118,7 +118,7 @@ CASES = {
                                                                "an integer"]),
     "memory": (None, ["generation.engine_memory_fraction=90"], ["generation.engine_memory_fraction=90.0: must be in "
                                                                  "(0, 1]"]),
-    "keep": (None, ["train.keep_checkpoints=0"], ["train.keep_checkpoints=0: must be >= 1"]),
+    "keep": (None, ["train.keep_checkpoints=-1"], ["train.keep_checkpoints=-1: must be >= 0"]),
     "warmup": (None, ["train.warmup_fraction=1"], ["train.warmup_fraction=1.0: must be in [0, 1)"]),
 }
 
