@@ -147,9 +147,10 @@ class DataConfig:
     skip_bad_lines: bool = _f(False, "Skip malformed JSON lines instead of failing: the first 5 are reported with "
                               "their reasons, all of them written to RUN/rejects.jsonl.")
     seed: int = _f(1234, "Seed for subsampling and the held-out split.", ge=0)
-    loader: str = _f("auto", "How the trainer reads its pairs: dali (NVIDIA DALI's numpy reader over the stages' "
-                     "binary token store, each DP rank its own records), torch (the JSON shards, every rank parses "
-                     "all), auto (dali where nvidia.dali imports; the run says which).")
+    loader: Literal["auto", "dali", "torch"] = _f(
+        "auto", "How the trainer reads its pairs: dali (NVIDIA DALI's numpy reader over the stages' binary token "
+        "store, each DP rank its own records), torch (the JSON shards, every rank parses all), auto (dali where "
+        "nvidia.dali imports; the run says which).")
 
 
 @dataclass
@@ -604,7 +605,6 @@ def validate(cfg: Config) -> None:
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     _validate_fp8(cfg)
-    _choice("data.loader", cfg.data.loader, ("auto", "dali", "torch"))
     g = cfg.generation
     mpi = str(g.engine_mpi or "")
     if not (mpi.isascii() and mpi.replace("_", "").isalnum()):  # one plugin name, never extra srun options
