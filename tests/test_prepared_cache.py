@@ -68,7 +68,7 @@ def test_cache_gives_back_what_prepare_made_and_is_made_once(inputs, tmp_path, m
     rebuilt = prepared_cache.prepared_once(cfg, tok, cache, rank=0)
     assert len(calls) == 3 and _as_tuples(rebuilt) == _as_tuples(direct)
     # A cache killed before its manifest was written is not used.
-    (cache / "manifest.json").unlink()
+    (cache / "prepared.json").unlink()
     prepared_cache.prepared_once(cfg, tok, cache, rank=0)
     assert len(calls) == 4
 

@@ -6,12 +6,12 @@ Every rank used to load, split and tokenise the whole data file itself (determin
 results agreed), and every re-run did it again: at 50k-100k records that is minutes of one core per
 rank. Now rank 0 does it once and writes ``cache_dir``:
 
-    cache_dir/manifest.json   {"fingerprint", "train": n, "heldout": n, "stats"}
+    cache_dir/prepared.json   {"fingerprint", "train": n, "heldout": n, "stats"}
     cache_dir/tokens.npy      int32, every prompt's prompt_ids then response_ids, train then held-out
     cache_dir/lengths.npy     int64 [n, 2]: (prompt length, response length) per prompt, same order
     cache_dir/ids.json        the prompts' ids, same order
 
-The manifest is written last (each file atomically), so a cache without it is ignored and rebuilt.
+prepared.json is written last (each file atomically), so a cache without it is ignored and rebuilt.
 The fingerprint covers the ``data`` settings, the tokenizer's files and the data files' names, sizes
 and modification times: a cache made from other data or another tokenizer is rebuilt, never used.
 """
@@ -32,7 +32,7 @@ from spin_mcore.data.tokenize import TokenizedPrompt
 from spin_mcore.utils.io import atomic_write_bytes, atomic_write_json, read_json
 from spin_mcore.utils.shards import fingerprint
 
-MANIFEST = "manifest.json"
+MANIFEST = "prepared.json"  # not manifest.json: that name marks a sharded stage
 
 
 def _files_signature(path) -> list:
@@ -81,7 +81,7 @@ def write_prepared(cache_dir, data: SFTData, fp: str) -> None:
 
 
 def read_prepared(cache_dir) -> SFTData:
-    """The :class:`SFTData` in ``cache_dir`` (its manifest must exist)."""
+    """The :class:`SFTData` in ``cache_dir`` (its prepared.json must exist)."""
     cache_dir = Path(cache_dir)
     manifest = read_json(cache_dir / MANIFEST)
     tokens = np.load(cache_dir / "tokens.npy", mmap_mode="r")

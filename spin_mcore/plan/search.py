@@ -237,7 +237,7 @@ def _assumptions(gpu: GPU, efficiency: float, precision: Precision, work: SpinWo
     loads = st.THETA_LOADS["external" if settings.external else "megatron"]
     stage_notes = [
         f"file system: {settings.fs_gbps:g} GB/s per node (--fs-gbps), all nodes at once; a model load reads "
-        f"N x {settings.weight_bytes} bytes once per DP replica; theta_t loads per iteration (one resident "
+        f"N x {settings.weight_bytes} bytes once in all (fully-parallel load); theta_t loads per iteration (one resident "
         f"model): " + ", ".join(f"{k} {v}" for k, v in loads.items()) + "; evaluation loads theta_{t+1} once",
         f"engine: {settings.backend}, instances {settings.engine_instances} (generation.engine_instances), TP "
         f"{settings.engine_tp}, {'fp8' if settings.engine_fp8 else 'export dtype'} weights, {feed} feed "

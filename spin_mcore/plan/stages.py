@@ -8,8 +8,8 @@ Assumptions (each repeated in the planner's output):
 * Model loads of theta_t, as the loop does them (:data:`THETA_LOADS`): once per iteration, by the first
   stage that reads it (the export with an external engine, generation with the in-process one); the
   reference passes and the trainer use that resident model. Evaluation loads theta_{t+1} once. A load
-  reads the model checkpoint (N x weight bytes) once per DP replica (the default load strategy reads the
-  full model on every replica).
+  reads the model checkpoint (N x weight bytes) once in all: Megatron's fully-parallel load strategy
+  (spin_mcore/models/checkpoint.py: load_strategy) gives each DP replica a share and exchanges the rest.
 * Export: theta_t written as HF safetensors (N x weight bytes, + N for an FP8 engine copy) by the first
   TP rank of each pipeline stage, so by min(nodes, PP) nodes.
 * Engine start: every instance reads the export at once, each at its node's bandwidth, plus a fixed
@@ -91,8 +91,10 @@ def nodes(gpus: int, gpus_per_node: int) -> int:
 
 
 def load_seconds(params: float, s: StageSettings, gpus: int, gpus_per_node: int, dp: int) -> float:
-    """One load of a model checkpoint: every DP replica reads the model, all nodes reading at once."""
-    return params * s.weight_bytes * dp / (s.fs_gbps * 1e9 * nodes(gpus, gpus_per_node))
+    """One load of a model checkpoint: read once in all (fully-parallel load over the ``dp`` replicas),
+    all nodes reading at once. The replicas' exchange over the network is not counted (it is faster
+    than the file system by an order of magnitude)."""
+    return params * s.weight_bytes / (s.fs_gbps * 1e9 * nodes(gpus, gpus_per_node))
 
 
 def export_seconds(params: float, s: StageSettings, gpus: int, gpus_per_node: int, pp: int) -> float:
