@@ -449,10 +449,11 @@ def _bind(index: int, threads: int) -> str:
 
 
 def _wait_for(files: list[Path], procs: list) -> None:
-    """Until every file exists; RuntimeError with its log's tail when an instance child exits first."""
+    """Until ``files[i]`` exists for every i; RuntimeError with its log's tail when ``procs[i]`` (the instance
+    child that writes it) has exited without writing it."""
     while not all(f.exists() for f in files):
-        for proc, log in procs:
-            if proc.poll() is not None:
+        for f, (proc, log) in zip(files, procs):
+            if proc.poll() is not None and not f.exists():
                 raise RuntimeError(f"vLLM instance child failed (exit {proc.returncode}):\n{log.read_text()[-4000:]}")
         time.sleep(0.05)
 
@@ -463,6 +464,7 @@ def instance_rows(python: Path, directory: str, work: Path, prompts, max_num_seq
     which goes first. Per count: summed span seconds (first start to last end), cpu seconds, tokens,
     and every round's per-instance shards and tokens."""
     from spin_mcore.generation.workers import protocol
+    from spin_mcore.utils.io import atomic_write_json
 
     work = work / "instances"
     work.mkdir()
@@ -486,7 +488,7 @@ def instance_rows(python: Path, directory: str, work: Path, prompts, max_num_seq
         _wait_for([work / f"ready-{i}" for i in range(2)], procs)
         for r, n in enumerate(order):
             job = _feed_job(base, str(prompts_path), work / f"out-{r}", max_num_seqs, len(prompts))
-            (work / f"go-{r}.json").write_text(json.dumps({"instances": n, "job": str(job.save(work / f"job-{r}.json"))}))
+            atomic_write_json(work / f"go-{r}.json", {"instances": n, "job": str(job.save(work / f"job-{r}.json"))})
             done = [work / f"done-{r}-{i}.json" for i in range(n)]
             _wait_for(done, procs)
             parts = [json.loads(d.read_text()) for d in done]
