@@ -50,3 +50,56 @@ def test_pinned_settings_reach_the_ranks(monkeypatch):
     for view in views:
         assert view == {"capability": "AVX2", "threads": 1, **in_force}
     assert pinned_threads(1) == 2 and pinned_threads(4) == 1
+
+
+# A few steps of the ops the demo's model trains with (GEMMs, SDPA, RMSNorm, SiLU, log-softmax, Adam):
+# the sha256 of the weights after them. Threads as the demo pins them.
+TRAIN_PROBE = """
+import hashlib, torch
+torch.manual_seed(0)
+torch.set_num_threads(2)
+w = [torch.nn.Parameter(torch.randn(*s) * 0.1) for s in ((192, 64), (64, 64), (176, 64), (64, 176), (512, 64))]
+opt = torch.optim.Adam(w, lr=1e-3)
+x, y = torch.randn(32, 56, 64), torch.randint(0, 512, (32, 56))
+for _ in range(3):
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    q, k, v = (h @ w[0].t()).view(32, 56, 3, 4, 16).unbind(2)
+    a = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                         is_causal=True).transpose(1, 2).reshape(32, 56, 64)
+    h = h + a @ w[1].t()
+    h = h + torch.nn.functional.silu(h @ w[2].t()) @ w[3].t()
+    loss = -torch.log_softmax(h @ w[4].t(), -1).gather(-1, y[..., None]).mean()
+    opt.zero_grad(); loss.backward(); opt.step()
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in w)).hexdigest()
+print(torch.backends.cpu.get_cpu_capability(), digest)
+"""
+# What an AVX2-only x86-64 CPU shows MKL and glibc (ATen and oneDNN are capped by the pin itself).
+AVX2_ONLY_CPU = {"MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                 "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F,-AVX512DQ,-AVX512BW,-AVX512VL,-AVX512CD"}
+NATIVE = {"ATEN_CPU_CAPABILITY": "", "MKL_CBWR": "AUTO", "ONEDNN_MAX_CPU_ISA": "ALL"}
+
+
+def _train_probe(**env) -> tuple[str, str]:
+    env = {**{k: v for k, v in os.environ.items() if k not in (*PINNED_ENV, *AVX2_ONLY_CPU)}, **env}
+    env = {k: v for k, v in env.items() if v != ""}  # "" = unset: the library picks by the CPU
+    out = subprocess.run([sys.executable, "-c", TRAIN_PROBE], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    return out[0], out[1]
+
+
+def test_pinned_training_steps_do_not_depend_on_avx512():
+    """How a user checks the demo's pin on their own machine: training steps with the pinned numerics give
+    the same bits when the CPU is made to look AVX2-only to MKL and glibc; on an AVX-512 CPU the native
+    kernels give other bits (the digits docs/demo.md says vary across unpinned machines)."""
+    pinned = _train_probe(**PINNED_ENV)
+    assert pinned[0] == "AVX2"
+    assert _train_probe(**PINNED_ENV, **AVX2_ONLY_CPU) == pinned
+    native = _train_probe(**NATIVE)
+    if native[0] == "AVX2":  # an AVX2 machine: its native kernels are the pinned ones
+        assert native == pinned
+    else:
+        assert native[0] == "AVX512" and native[1] != pinned[1]
+        # The emulation has teeth: MKL left to choose (MKL_CBWR=AUTO) takes its AVX-512 path here and
+        # its AVX2 path under AVX2_ONLY_CPU, which is the pinned result.
+        auto = {**PINNED_ENV, "MKL_CBWR": "AUTO"}
+        assert _train_probe(**auto)[1] != pinned[1] and _train_probe(**auto, **AVX2_ONLY_CPU) == pinned

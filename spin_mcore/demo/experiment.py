@@ -172,7 +172,8 @@ def append_timeline(results_md: Path, run_root: Path) -> None:
 
 def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool = False,
              overrides: Optional[list[str]] = None, method: str = "spin") -> dict:
-    """The whole demo on this rank (collective). Returns {"rows": [...], "sft_history": [...], "seconds"}.
+    """The whole demo on this rank (collective). Returns {"rows": [...], "sft_history": [...], "seconds",
+    "examples", "heldout_prompts"}.
 
     ``method="all"`` also runs ReST^EM, Iterative RPO and STaR from the same theta_0
     (:mod:`spin_mcore.selfimprove.demo`) into the same table and a per-method plot.
@@ -245,11 +246,14 @@ def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool =
         spin_diversity(run.root, spin_rows)
         for r in spin_rows:
             r["method"] = "SPIN"
-        verified = run_verified_methods(cfg, sft_cfg, pstate, theta0, out, log)
+        for r in (base, *spin_rows, *controls):  # the verified loops' rows are judged by their verifier
+            r["judge"] = cfg.run.checker
+        verified = run_verified_methods(cfg, pstate, theta0, out, log)
     rows = [base, *spin_rows, *controls, *verified]
     columns = ["model", "exact_match", "sampled_exact_match", "heldout_nll", "pair_accuracy", "margin", "train_steps"]
     if verified:
-        columns[4:4] = ["distinct_2", "pass_at_1", "pass_at_4", "solved_share"]
+        columns[1:1] = ["judge"]
+        columns[5:5] = ["distinct_2", "pass_at_1", "solved_share", "kept"]  # solved_share = pass@K
     table = [{c: r.get(c) for c in columns} for r in rows]
     if pstate.is_logging_rank:
         write_results(RunDir(out), table, title="SPIN vs continued SFT (held-out)", trajectory=1 + len(spin_rows))
@@ -261,4 +265,4 @@ def run_demo(out_dir: str, size_name: str = "full", seed: int = 0, force: bool =
         print(format_table(table), flush=True)
         print(f"[demo] table: {out / 'results.md'}  plot: {out / 'results.png'}", flush=True)
     return {"rows": table, "sft_history": history, "seconds": round(time.perf_counter() - start, 1),
-            "examples": {r["model"]: r.get("example") for r in rows}}
+            "examples": {r["model"]: r.get("example") for r in rows}, "heldout_prompts": len(data.heldout)}

@@ -1,4 +1,4 @@
-"""Pinned CPU numerics: the same fp32 bits on any x86-64 machine, for results a README can quote.
+"""Pinned CPU numerics: the same fp32 bits on every Intel x86-64 CPU with AVX2, for results a README can quote.
 
 fp32 results on the CPU depend on more than the seed. Three libraries pick their kernels from
 the CPU they find, and the kernels round differently:
@@ -9,10 +9,17 @@ the CPU they find, and the kernels round differently:
   numerical reproducibility) pins the path;
 * oneDNN does the same: ``ONEDNN_MAX_CPU_ISA``.
 
-And the number of threads sets how reductions are split. Checked on this project's machine
-(an AVX2 CPU): ATen's ``default`` vs ``avx2`` kernels, and MKL's ``COMPATIBLE`` vs ``AVX2`` path,
-each change the bits of a matmul + log-softmax; pinning to AVX2 leaves an AVX2 machine's own
-results unchanged. Pinning costs AVX-512 machines some speed, nothing on AVX2 ones.
+And the number of threads sets how reductions are split. Checked on an AVX-512 machine
+(tests/test_cpu_numerics.py, docs/demo.md): the native kernels give other bits than the pinned
+ones, and the pinned bits stay the same when MKL and glibc are shown an AVX2-only CPU
+(``MKL_ENABLE_INSTRUCTIONS=AVX2``, ``GLIBC_TUNABLES``). Pinning costs AVX-512 machines some
+speed, nothing on AVX2 ones.
+
+What the pin does not cover: Intel documents ``MKL_CBWR=AVX2`` for Intel CPUs only (on AMD MKL
+falls back to its automatic branch), and CPUs without AVX2 cannot run the pinned kernels. The
+level every x86-64 CPU has (``ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE
+ONEDNN_MAX_CPU_ISA=SSE41``, set by the user; their values are kept) trains at about 0.6x the
+speed (docs/demo.md).
 
 The variables must be in the environment before a process first uses these libraries, so they
 are set in the launching process and reach the ranks through the environment of ``run_local``'s
