@@ -38,107 +38,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
-from sequence_logprobs import peak_extra_bytes  # benchmarks/ is on sys.path when run as a script
-
-
-def make_inputs(tokens: int, hidden: int, vocab: int, dtype, device, seed: int = 0):
-    """hidden [s, b, h], weight [V, h], labels [b, s], mask [b, s] (all ones), upstream grad [b]."""
-    b = 4
-    s = tokens // b
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(s, b, hidden, generator=g).to(device, dtype)
-    w = (torch.randn(vocab, hidden, generator=g) * hidden ** -0.5).to(device, dtype)
-    labels = torch.randint(0, vocab, (b, s), generator=g).to(device)
-    mask = torch.ones(b, s, dtype=torch.bool, device=device)
-    up = torch.randn(b, generator=g).to(device)
-    return h, w, labels, mask, up
-
-
-def side_fns(labels, mask, up, chunk: int):
-    """name -> fn(h_leaf, w_leaf) running forward + backward; returns seq_logps (detached)."""
-    from spin_mcore.logprobs import sequence_logprobs
-    from spin_mcore.logprobs.fused_linear import fused_linear_sequence_logprobs
-
-    def materialised(h, w):
-        logits = h @ w.t()  # [s, b, V]: Megatron's output layer
-        out = sequence_logprobs(logits.transpose(0, 1), labels, mask, inplace_grad=True)
-        (out.seq_logps * up).sum().backward()
-        return out.seq_logps.detach()
-
-    def fused(h, w):
-        out = fused_linear_sequence_logprobs(h, w, labels, mask, chunk_tokens=chunk)
-        (out.seq_logps * up).sum().backward()
-        return out.seq_logps.detach()
-
-    return {"materialised": materialised, "fused": fused}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_sides(fns: dict, h, w, repeats: int, device) -> dict:
-    """name -> (median wall seconds, median process CPU seconds) of fwd+bwd; the sides alternate run by
-    run (after one warm-up run each), so a change in machine load hits both alike."""
-    times: dict = {name: [] for name in fns}
-    for r in range(repeats + 1):
-        for name, fn in fns.items():
-            a, b = h.clone().requires_grad_(), w.clone().requires_grad_()
-            _sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn(a, b)
-            _sync(device)
-            if r:
-                times[name].append((time.perf_counter() - t0, time.process_time() - c0))
-            del a, b
-    return {name: (statistics.median(x for x, _ in t), statistics.median(c for _, c in t)) for name, t in times.items()}
-
-
-def measure_memory(fn, h, w, device) -> dict:
-    """Peak extra bytes of one fwd+bwd (minus the owed gradients), and its results."""
-    owed = h.numel() * h.element_size() + w.numel() * w.element_size()  # d hidden + d W
-    a, b = h.clone().requires_grad_(), w.clone().requires_grad_()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        seq = fn(a, b)
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        box = {}
-        peak = peak_extra_bytes(lambda: box.setdefault("seq", fn(a, b)))
-        seq = box["seq"]
-    return {"extra_bytes": peak - owed, "seq": seq, "dh": a.grad, "dw": b.grad}
+from spin_mcore.acceptance.measure import fused_linear_vs_materialised
 
 
 def run_vocab(vocab: int, args, device, dtype) -> dict:
-    h, w, labels, mask, up = make_inputs(args.tokens, args.hidden, vocab, dtype, device)
-    chunk = args.chunk or max(1, args.tokens // 16)
-    fns = side_fns(labels, mask, up, chunk)
-    res = {name: measure_memory(fn, h, w, device) for name, fn in fns.items()}
-    for name, (wall, cpu) in time_sides(fns, h, w, args.repeats, device).items():
-        res[name]["fwd_bwd_s"], res[name]["cpu_s"] = wall, cpu
-    logits_bytes = args.tokens * vocab * h.element_size()
-    mat, fus = res["materialised"], res["fused"]
-    out = {"vocab": vocab, "hidden": args.hidden, "tokens": args.tokens, "chunk_tokens": chunk,
-           "dtype": str(dtype).replace("torch.", ""), "logits_mb": round(logits_bytes / 2**20, 1)}
-    for name, r in res.items():
-        out[name] = {"fwd_bwd_s": round(r["fwd_bwd_s"], 4), "cpu_s": round(r["cpu_s"], 4),
-                     "extra_mb": round(r["extra_bytes"] / 2**20, 1),
-                     "extra_x_logits": round(r["extra_bytes"] / logits_bytes, 4)}
-    out["time_fused_over_materialised"] = round(fus["fwd_bwd_s"] / mat["fwd_bwd_s"], 3)
-    out["cpu_time_fused_over_materialised"] = round(fus["cpu_s"] / mat["cpu_s"], 3)
-    out["max_abs_diff"] = {k: float((fus[k].float() - mat[k].float()).abs().max()) for k in ("seq", "dh", "dw")}
-    out["targets"] = {"extra_le_0.1x_logits": out["fused"]["extra_x_logits"] <= 0.1,
-                      "time_le_1.2x": out["time_fused_over_materialised"] <= 1.2}
-    return out
+    return fused_linear_vs_materialised(vocab, args.tokens, args.hidden, args.chunk, args.repeats, device, dtype)
 
 
 def main(argv=None) -> int:

@@ -35,7 +35,9 @@ import time
 
 import torch
 
-HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3
+from spin_mcore.acceptance.measure import H100_HBM_BYTES_PER_S as HBM_BYTES_PER_S
+from spin_mcore.acceptance.measure import logprob_methods, peak_extra_bytes, triton_kernel_bandwidth
+
 MODEL_SHAPE = (8, 2048, 128256)  # Llama-3 vocab, 16k tokens, bf16 logits
 
 # HBM bytes per logit element for bf16 logits, forward + backward (element = one of B*S*V).
@@ -51,21 +53,6 @@ BYTES_PER_ELEMENT = {
 }
 
 
-def peak_extra_bytes(fn) -> int:
-    """Peak of live CPU-allocator bytes allocated while ``fn()`` runs (profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def make_inputs(B: int, S: int, V: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(B, S, V, generator=g) * 2
@@ -74,33 +61,6 @@ def make_inputs(B: int, S: int, V: int, seed: int = 0):
     mask[:, : S // 4] = False  # the prompt quarter of each row is not scored
     w = torch.randn(B, generator=g)  # non-unit upstream gradient, as from a DPO/SPIN loss
     return logits, labels, mask, w
-
-
-def method_fns(labels, mask, w):
-    """name -> fn(logits_leaf) running forward + backward; returns the gradient tensor."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    from spin_mcore.logprobs import sequence_logprobs
-    from spin_mcore.logprobs.reference import reference_sequence_logprobs
-
-    def naive(x):
-        seq, _ = reference_sequence_logprobs(x, labels, mask)
-        (seq * w).sum().backward()
-
-    def megatron(x):
-        safe = torch.where(mask, labels, 0)
-        loss = vocab_parallel_cross_entropy(x, safe)  # [B, S] = -log p
-        (-(loss * mask).sum(1) * w).sum().backward()
-
-    def ours(x):
-        out = sequence_logprobs(x, labels, mask, backend="chunked")
-        (out.seq_logps * w).sum().backward()
-
-    def ours_inplace(x):
-        out = sequence_logprobs(x, labels, mask, backend="chunked", inplace_grad=True)
-        (out.seq_logps * w).sum().backward()
-
-    return {"naive": naive, "megatron": megatron, "ours": ours, "ours_inplace": ours_inplace}
 
 
 def run_method(fn, logits, repeats: int):
@@ -132,41 +92,6 @@ def h100_model() -> dict:
     return out
 
 
-def measure_triton_cuda(shape=MODEL_SHAPE, repeats: int = 10) -> dict:
-    """MEASURED on the CUDA device: the Triton kernels alone (bf16 logits [B, S, V], every token kept),
-    median of ``repeats`` CUDA-event timings, and the achieved HBM GB/s (forward reads the logits once,
-    backward reads them and writes the gradient in place) against the device peak of ``HBM_BYTES_PER_S``."""
-    from spin_kernels import fused_logprob as k
-
-    B, S, V = shape
-    x = torch.randn(B, S, V, device="cuda", dtype=torch.bfloat16)
-    labels = torch.randint(0, V, (B * S,), device="cuda")
-    keep = torch.ones(B * S, dtype=torch.uint8, device="cuda")
-    g = torch.ones(B * S, device="cuda")
-
-    def timed(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
-
-    m, s_, _ = k.logprob_forward_partials(x, labels, keep, 0, V)
-    lse = m + torch.log(s_)
-    fwd_s = timed(lambda: k.logprob_forward_partials(x, labels, keep, 0, V))
-    bwd_s = timed(lambda: k.logprob_backward(x, labels, keep, lse, g, 0, V, inplace=True))
-    n = x.numel() * x.element_size()
-    return {"device": torch.cuda.get_device_name(), "shape": [B, S, V], "dtype": "bfloat16",
-            "fwd_ms": round(fwd_s * 1e3, 3), "bwd_ms": round(bwd_s * 1e3, 3),
-            "fwd_gb_per_s": round(n / fwd_s / 1e9, 1), "bwd_gb_per_s": round(2 * n / bwd_s / 1e9, 1),
-            "peak_gb_per_s_assumed": HBM_BYTES_PER_S / 1e9}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="B=2, S=256, V=8000, one timed repeat")
@@ -184,7 +109,7 @@ def main(argv=None) -> int:
     try:
         logits, labels, mask, w = make_inputs(B, S, V)
         logits_bytes = logits.numel() * logits.element_size()
-        fns = method_fns(labels, mask, w)
+        fns = logprob_methods(labels, mask, w)
         results, grads = {}, {}
         for name, fn in fns.items():
             secs, extra, grad, overwrote = run_method(fn, logits, repeats)
@@ -202,7 +127,7 @@ def main(argv=None) -> int:
 
     measured_gpu = None
     if torch.cuda.is_available():
-        measured_gpu = measure_triton_cuda()
+        measured_gpu = triton_kernel_bandwidth(MODEL_SHAPE, peak_bytes_per_s=HBM_BYTES_PER_S)
         print(f"MEASURED Triton kernels on {measured_gpu['device']} at {MODEL_SHAPE} bf16: fwd "
               f"{measured_gpu['fwd_ms']} ms ({measured_gpu['fwd_gb_per_s']} GB/s), bwd in place "
               f"{measured_gpu['bwd_ms']} ms ({measured_gpu['bwd_gb_per_s']} GB/s), peak assumed "

@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
+# The model, prompts and lengths of the one-GPU acceptance run's engine check (it runs them on CUDA);
+# VOCAB = 500 is not a multiple of 128: TP padding columns exist.
+from spin_mcore.acceptance.checks_engine import BOS, EOS, MAX_NEW, PROMPT_LENS, VOCAB, tiny_hf_llama
+from spin_mcore.acceptance.checks_engine import prompts as _prompts
 from spin_mcore.config import ConfigError, load_config
 from spin_mcore.generation import SamplingParams
 from spin_mcore.generation.sampling import filter_logits, sample_tokens
 from spin_mcore.generation.stage import prepare_prompts
 from spin_mcore.launcher import run_local
 from tests.helpers import hf_greedy_until
-
-VOCAB, EOS, BOS = 500, 2, 1  # 500 is not a multiple of 128: TP padding columns exist
-PROMPT_LENS = (5, 11, 3, 17, 8)
-MAX_NEW = 12
 
 
 @dataclass
@@ -44,11 +44,6 @@ class FakeTokenizer:
         return " ".join(f"t{i}" for i in ids if i not in (BOS, EOS))
 
 
-def _prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(7)
-    return [[BOS] + torch.randint(3, VOCAB, (n - 1,), generator=g).tolist() for n in PROMPT_LENS]
-
-
 def _overrides(tp: int = 1) -> list[str]:
     return ["model.preset=tiny", f"model.vocab_size={VOCAB}", f"parallel.tp={tp}", "model.seq_length=64",
             f"generation.max_new_tokens={MAX_NEW}", "generation.batch_size=3"]
@@ -57,17 +52,8 @@ def _overrides(tp: int = 1) -> list[str]:
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
     """A tiny random LlamaForCausalLM (peaked logits so greedy has clear winners), saved as safetensors."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2,
-                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0)
-    model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("hf") / "tiny"
-    model.save_pretrained(path, safe_serialization=True)
-    return model, str(path)
+    return tiny_hf_llama(path), str(path)
 
 
 # ----------------------------------------------------------------------------- workers

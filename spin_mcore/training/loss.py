@@ -62,7 +62,11 @@ Since l(t) = ln 2 - t/2 + O(t^2) for the logistic loss, the step-0 loss deviates
 by about beta/2 * |mean(d_real - d_gen)|, where d are the per-sequence log-prob shifts the
 scales cause. The tolerance we state (not yet measured at scale): |loss_0 - ln 2| <= 0.02
 on the tiny model of tests/test_fp8_config.py::test_fp8_spin_step_matches_bf16 (GPU only);
-bf16 and fp32 keep the exact-ln 2 test of tests/test_spin_loss.py.
+bf16 and fp32 keep the exact-ln 2 test of tests/test_spin_loss.py. A bf16 step 0 on a GPU
+runs the reference's weights, but its micro-batches hold other rows than the reference
+pass's, and GEMMs may round differently: :data:`BF16_STEP0_LOSS_TOL` (a quarter of the FP8
+tolerance) is the bound the GPU checks hold it to (tests/test_fp8_config.py, and the one-GPU
+acceptance run's ``spin.step``, spin_mcore/acceptance/checks_training.py).
 """
 
 from __future__ import annotations
@@ -74,6 +78,10 @@ import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("logistic", "hinge", "exponential", "correlation")
+
+# |step-0 loss - ln 2| allowed for bf16 on a GPU (see "Precision and the ln 2 property" above).
+FP8_STEP0_LOSS_TOL = 0.02
+BF16_STEP0_LOSS_TOL = FP8_STEP0_LOSS_TOL / 4
 
 Number = Union[float, int, torch.Tensor]
 
