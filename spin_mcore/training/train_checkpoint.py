@@ -287,11 +287,13 @@ def load_train_checkpoint(directory: str | Path, model, optimizer, scheduler, ps
     from megatron.core import dist_checkpointing
 
     from spin_mcore.models.checkpoint import bare_chunks, chunk_entries
+    from spin_mcore.models.integrity import check_dist_checkpoint
 
     directory = Path(directory)
     done = read_json(directory / "done.json")
     if done is None:
         raise FileNotFoundError(f"{directory}: not a complete training checkpoint (no done.json)")
+    check_dist_checkpoint(directory)  # a missing or cut file: one line naming it, not PyTorch's traceback per rank
     same_world = done.get("world_size") == pstate.world_size
     state = _sharded_state(model, optimizer, pstate, is_loading=True, with_rng=same_world)
     with_reader = data_reader and same_world and bool(done.get("data_reader"))
