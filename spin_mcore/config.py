@@ -7,6 +7,14 @@ e.g. ``train.micro_batch_size=2`` or ``spin.beta=[0.1,0.1,0.1,5.0]``.
 Sections, one per concern: ``model``, ``parallel``, ``precision``, ``data``,
 ``generation``, ``spin``, ``train``, ``run``, ``platform``. Every field carries its help text in
 ``metadata["help"]``.
+
+Validation, before any process starts: a value is read as its field's annotation says (``int``,
+``float``, ``list[float]`` item by item, ``Literal`` choices, ``Optional``, ``auto`` or an ``int``), then
+:func:`check_fields` holds every field to its type and to the bounds in its metadata (``ge``, ``gt``,
+``le``, ``lt``: sizes >= 1, rates > 0, fractions in [0, 1)), then :func:`validate` checks the fields
+against each other. Each refusal is one :class:`ConfigError` line naming the field, the value and what
+is expected, e.g. ``train.lr[1]='abc': expected a number``. This module imports no model code
+(presets and HF ``config.json`` reading live below it, in ``presets.py`` and ``hf_config.py``).
 """
 
 from __future__ import annotations
