@@ -1,6 +1,7 @@
 """SPIN training-step throughput and peak memory on CPU: spin_mcore vs TRL's DPOTrainer.
 
-    python benchmarks/spin_step.py [--quick | --size quick|full|large] [--threads 2]
+    python benchmarks/spin_step.py [--quick | --size quick|full|large] [--lengths uniform|mixed] [--repeats N]
+                                   [--threads 2] [--sides ...] [--profile FILE]
 
 Both sides train the identical tiny Llama (our weights, exported to HF safetensors and
 loaded by ``LlamaForCausalLM``) on the same pairs (same token ids: a word-level tokenizer
@@ -22,6 +23,19 @@ activations, the logits, the log-prob buffers, backward and the optimizer step).
 wraps the functions ``train()`` calls to read the RSS at those boundaries; the code measured is
 unchanged.
 
+``--lengths mixed`` (issue 22): every prompt, chosen and rejected response gets its own length from a
+seeded long-tailed mix (:func:`mixed_lengths`), so TRL's padded batches carry padding and our
+``train.pack_sequences=true`` side (``ours_packed``) can show what packing saves. Tokens/s then counts real
+(non-pad) tokens on every side: the epoch's real tokens / the epoch's step time (the first step, which
+carries one-time set-up, counted at the median of the others). The pad fraction is what TRL's policy forward
+actually received (a forward pre-hook counts ``input_ids`` and ``attention_mask``).
+
+Every side runs ``--repeats`` times alternately (A B A B ..., benchmarks/bench_stats.py); the JSON gives
+each side's median and spread, each ratio's range, and says when the ranges overlap. It also records the
+machine (CPU, flags, threads, torch capability, load before/after), the model FLOPs per real token (attention
+included), each side's achieved FLOP/s, and the fp32 matmul FLOP/s measured in the same run at the step's
+largest GEMM (the output layer over a micro-batch's tokens): the share of that ceiling.
+
 The last line of output is JSON with the figures and the ratios.
 """
 
@@ -36,6 +50,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
@@ -59,21 +76,45 @@ def _overrides(s: dict) -> list[str]:
             f"generation.shard_size={s['batch'] * s['steps']}", "parallel.distributed_optimizer=false"]
 
 
-def _records(s: dict) -> list[dict]:
+def mixed_lengths(n: int, cap: int, median_fraction: float, seed: int) -> list[int]:
+    """``n`` seeded lengths in [2, cap]: log-normal with median ``median_fraction * cap`` and sigma 0.8, clipped.
+
+    A long tail (p90 about 2.8x the median) like chat data: most turns are short, a few reach the cap. Padded
+    to a batch's longest, such lengths leave roughly half of a batch as padding.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.lognormal(np.log(median_fraction * cap), 0.8, n)
+    return [int(v) for v in np.clip(np.rint(x), 2, cap)]
+
+
+def _records(s: dict, lengths: str = "uniform") -> list[dict]:
     import torch
 
     g = torch.Generator().manual_seed(0)
     n = s["batch"] * s["steps"]
     ids = lambda k: torch.randint(3, s["vocab"], (k,), generator=g).tolist()  # noqa: E731
-    return [{"prompt_id": i, "prompt_ids": ids(s["prompt"]), "real_ids": ids(s["response"]) + [EOS],
-             "generated_ids": ids(s["response"]) + [EOS]} for i in range(n)]
+    if lengths == "uniform":
+        pl, rl, gl = [s["prompt"]] * n, [s["response"]] * n, [s["response"]] * n
+    else:  # prompt and both responses drawn independently; the longest fits seq_length exactly
+        pl = mixed_lengths(n, s["prompt"], 0.25, 1)
+        rl = mixed_lengths(n, s["response"], 0.3, 2)
+        gl = mixed_lengths(n, s["response"], 0.3, 3)
+    return [{"prompt_id": i, "prompt_ids": ids(pl[i]), "real_ids": ids(rl[i]) + [EOS],
+             "generated_ids": ids(gl[i]) + [EOS]} for i in range(n)]
+
+
+def real_lengths(records: list[dict]) -> list[int]:
+    """Token count of every sequence (prompt + response + eos), chosen and rejected, in record order."""
+    return [len(r["prompt_ids"]) + len(r[k]) for r in records for k in ("real_ids", "generated_ids")]
 
 
 def _text(ids: list[int]) -> str:
     return " ".join("</s>" if i == EOS else f"t{i}" for i in ids)
 
 
-def prepare(work: Path, size: str) -> None:
+def prepare(work: Path, size: str, lengths: str = "uniform") -> None:
     """theta_0 as an mcore checkpoint and an HF export, the pair stage, the text dataset and the tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -98,7 +139,8 @@ def prepare(work: Path, size: str) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
     fast.save_pretrained(work / "tokenizer")
 
-    records = _records(s)
+    records = _records(s, lengths)
+    (work / "lengths.json").write_text(json.dumps(real_lengths(records)))
     stage = ShardedStage(work / "pairs", "generation", "bench")
     stage.write_shard(0, records)
     stage.finalize()
@@ -197,7 +239,34 @@ def _modules_of(model):
     return model_chunks(model)
 
 
-def run_ours(work: Path, size: str, fused_linear: bool = False) -> dict:
+def _epoch_seconds(times: list[float]) -> float:
+    """One epoch's step time, the first step (one-time set-up: optimizer state, allocator growth) counted at the
+    median of the rest."""
+    rest = times[1:] or times
+    return sum(rest) + statistics.median(rest)
+
+
+def _install_profile(path: str, step_no: int = 3) -> None:
+    """torch.profiler over our ``step_no``-th training step; the op table (self CPU time) goes to ``path``."""
+    import torch.profiler as tp
+
+    import spin_mcore.training.trainer as trainer
+
+    step_fn, count = trainer.train_step, [0]
+
+    def train_step(*a, **k):
+        count[0] += 1
+        if count[0] != step_no:
+            return step_fn(*a, **k)
+        with tp.profile(activities=[tp.ProfilerActivity.CPU], record_shapes=True) as prof:
+            out = step_fn(*a, **k)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        Path(path).write_text(table)
+        return out
+    trainer.train_step = train_step
+
+
+def run_ours(work: Path, size: str, fused_linear: bool = False, packed: bool = False, profile: str | None = None) -> dict:
     import gc
 
     from spin_mcore.config import load_config
@@ -208,15 +277,19 @@ def run_ours(work: Path, size: str, fused_linear: bool = False) -> dict:
     s = SIZES[size]
     mem = PhaseMemory()
     mem.install()
+    if profile:
+        _install_profile(profile)
     import spin_mcore.training.trainer as trainer  # after install: train() calls the wrapped functions
 
-    cfg = load_config(overrides=_overrides(s) + [f"train.fused_linear_logprobs={str(fused_linear).lower()}"])
+    cfg = load_config(overrides=_overrides(s) + [f"train.fused_linear_logprobs={str(fused_linear).lower()}",
+                                                 f"train.pack_sequences={str(packed).lower()}"])
     pstate = init_distributed(cfg.parallel, seed=0)
     mem.mark("start (imports, process group)")
     t0 = time.perf_counter()
     mem.prefix = "reference: "
     ref_model = setup_model(cfg, pstate, str(work / "theta0"), wrap_ddp=False)
-    ref_dir = work / ("ours_fused_ref" if fused_linear else "ours_ref")
+    tag = "ours_fused" if fused_linear else "ours_packed" if packed else "ours"
+    ref_dir = work / f"{tag}_ref"
     compute_reference_logprobs(cfg, ref_model, pstate, [work / "pairs"], ref_dir)
     mem.mark("reference pass")
     ref_seconds = time.perf_counter() - t0
@@ -224,13 +297,15 @@ def run_ours(work: Path, size: str, fused_linear: bool = False) -> dict:
     gc.collect()
     mem.mark("model freed")
     mem.prefix = "train: "
-    out_dir = work / ("ours_fused_train" if fused_linear else "ours_train")
+    out_dir = work / f"{tag}_train"
     summary = trainer.train(cfg, pstate, [ref_dir], str(work / "theta0"), out_dir)
     mem.prefix = ""
     mem.mark("end")
     steps = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    times = [x["step_seconds"] for x in steps][s["warmup"]:]
-    return {"step_seconds": statistics.median(times), "reference_pass_seconds": ref_seconds,
+    all_times = [x["step_seconds"] for x in steps]
+    times = all_times[s["warmup"]:]
+    return {"step_seconds": statistics.median(times), "epoch_seconds": _epoch_seconds(all_times),
+            "reference_pass_seconds": ref_seconds,
             "first_loss": steps[0]["loss"], "final_loss": summary["final"]["loss"], "reference_resident": False,
             "memory_phases": mem.rows}
 
@@ -251,6 +326,7 @@ def run_trl(work: Path, size: str, precompute: bool) -> dict:
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            seen["on"] = True
             self.t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
@@ -268,6 +344,15 @@ def run_trl(work: Path, size: str, precompute: bool) -> dict:
                      # TRL >= 0.2x defaults bf16=True: on CPU that is autocast to bf16 through torch's scalar
                      # fallback GEMM (minutes a step), and not the fp32 our side runs.
                      bf16=False, fp16=False)
+    seen = {"on": False, "positions": 0, "real": 0}
+
+    def count_tokens(module, args, kwargs):  # what TRL's padded batches hand the policy, training steps only
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if seen["on"] and ids is not None:
+            seen["positions"] += ids.numel()
+            seen["real"] += int(mask.sum()) if mask is not None else ids.numel()
+    policy.register_forward_pre_hook(count_tokens, with_kwargs=True)
     t0 = time.perf_counter()
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tok, train_dataset=data,
                          callbacks=[Timer()])
@@ -275,9 +360,15 @@ def run_trl(work: Path, size: str, precompute: bool) -> dict:
     sample = trainer.train_dataset[0]
     lengths = {k: len(v) for k, v in sample.items() if k.endswith("input_ids") or k.endswith("ids")}
     trainer.train()
-    return {"step_seconds": statistics.median(times[s["warmup"]:]), "setup_seconds": setup_seconds,
+    pad = 1 - seen["real"] / seen["positions"] if seen["positions"] else None
+    return {"step_seconds": statistics.median(times[s["warmup"]:]), "epoch_seconds": _epoch_seconds(times),
+            "pad_fraction": pad, "positions": seen["positions"], "real_positions": seen["real"],
+            "setup_seconds": setup_seconds,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "token_lengths": lengths, "reference_resident": trainer.ref_model is not None}
+
+
+SIDES = ("ours", "ours_packed", "ours_fused", "trl_live", "trl_pre")
 
 
 def side_main(args) -> None:
@@ -286,29 +377,53 @@ def side_main(args) -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     if args.side == "prepare":
-        prepare(work, args.size)
+        prepare(work, args.size, args.lengths)
         out = {}
-    elif args.side in ("ours", "ours_fused"):
-        out = run_ours(work, args.size, fused_linear=args.side == "ours_fused")
+    elif args.side.startswith("ours"):
+        out = run_ours(work, args.size, fused_linear=args.side == "ours_fused", packed=args.side == "ours_packed",
+                       profile=args.profile)
     else:
         out = run_trl(work, args.size, precompute=args.side == "trl_pre")
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
 
-def _run_side(side: str, work: Path, size: str, threads: int, same_heap: bool = False) -> dict:
+def _run_side(side: str, work: Path, size: str, threads: int, same_heap: bool = False, lengths: str = "uniform",
+              profile: str | None = None) -> dict:
     env = dict(os.environ, SPIN_MCORE_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     if same_heap:  # every side gets the glibc setting our trainer makes itself (utils/heap.py), so RSS compares models
         from spin_mcore.utils.heap import DEFAULT_THRESHOLD
 
         env["MALLOC_MMAP_THRESHOLD_"] = str(DEFAULT_THRESHOLD)
-    cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--size", size, "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--size", size, "--threads", str(threads),
+           "--lengths", lengths] + (["--profile", profile] if profile else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark side {side} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def summarize_runs(runs: dict[str, list[dict]], total_tokens: int, train_flops: float, ceiling: dict) -> dict:
+    """Per side: tokens/s (real tokens / epoch seconds), peak RSS and achieved FLOP/s, each as median and spread
+    over the alternating runs; ``train_flops`` = 3 x the forward model FLOPs of the epoch's real tokens."""
+    out = {}
+    best = ceiling["flops_per_s_best"]
+    for name, rs in runs.items():
+        tps = [total_tokens / r["epoch_seconds"] for r in rs]
+        flops = [train_flops / r["epoch_seconds"] for r in rs]
+        out[name] = {"tokens_per_s": bench_stats.summarize(tps), "peak_rss_mb": bench_stats.summarize([r["peak_rss_mb"] for r in rs]),
+                     "achieved_flops_per_s": bench_stats.summarize(flops),
+                     "ceiling_share": statistics.median(flops) / best,
+                     "step0_loss": rs[0]["first_loss"], "reference_resident": rs[0]["reference_resident"]}
+        if rs[0].get("pad_fraction") is not None:
+            out[name]["pad_fraction"] = rs[0]["pad_fraction"]
+    return out
+
+
+def _r(x: float, n: int = 3) -> float:
+    return round(x, n)
 
 
 def main() -> None:
@@ -319,12 +434,20 @@ def main() -> None:
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--size", default=None, choices=sorted(SIZES),
                         help="model/batch size (default 'full'; --quick = 'quick'; 'large' = issue 13's hidden 512, seq 512)")
+    parser.add_argument("--lengths", default="uniform", choices=("uniform", "mixed"),
+                        help="uniform: every sequence prompt + response + eos long (no padding); mixed: a seeded "
+                             "long-tailed mix of prompt and response lengths (see mixed_lengths)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="alternating runs per side (A B A B ...); default 3 for large, 2 otherwise")
     parser.add_argument("--same-heap", action="store_true",
                         help="run the TRL sides with the fixed glibc mmap threshold our trainer sets itself "
                              "(MALLOC_MMAP_THRESHOLD_), to separate the allocator's share of the RSS ratio from the models'")
-    parser.add_argument("--sides", default="ours,trl_live,trl_pre",
-                        help="comma list of ours, ours_fused (train.fused_linear_logprobs=true), trl_live, trl_pre; "
-                             "the ratio summary needs the default three, other lists print each side's JSON")
+    parser.add_argument("--sides", default=None,
+                        help="comma list of " + ", ".join(SIDES) + " (default: ours,trl_live,trl_pre for uniform "
+                             "lengths, ours_packed,ours,trl_live,trl_pre for mixed)")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="also run our side once more (packed under mixed lengths) with torch.profiler over "
+                             "its third step and write the op table to FILE")
     args = parser.parse_args()
     if args.side:
         return side_main(args)
@@ -334,53 +457,93 @@ def main() -> None:
     if args.quick and args.size not in (None, "quick"):
         parser.error(f"--quick contradicts --size {args.size}")
     size = args.size or ("quick" if args.quick else "full")
+    repeats = args.repeats or (3 if size == "large" else 2)
+    sides = (args.sides or ("ours_packed,ours,trl_live,trl_pre" if args.lengths == "mixed" else "ours,trl_live,trl_pre")).split(",")
+    bad = [x for x in sides if x not in SIDES]
+    if bad:
+        parser.error(f"--sides: unknown side {bad[0]!r} (choose from {', '.join(SIDES)})")
     s = SIZES[size]
-    tokens_per_step = 2 * s["batch"] * (s["prompt"] + s["response"] + 1)
+    seq = s["prompt"] + s["response"] + 1
+    machine = bench_stats.machine_info(args.threads)
+    # The step's largest GEMM: the output layer over one micro-batch's padded tokens (2B rows x seq).
+    gemm = (2 * s["batch"] * seq, s["hidden"], s["vocab"])
+    ceilings = [bench_stats.matmul_flops(*gemm, threads=args.threads)]
     with tempfile.TemporaryDirectory(prefix="spin_step_") as tmp:
         work = Path(tmp)
-        _run_side("prepare", work, size, args.threads)
-        res = {side: _run_side(side, work, size, args.threads, args.same_heap) for side in args.sides.split(",")}
-    if "ours" in res:
-        print(f"{'our phase':44s} {'RSS MB':>9s} {'peak RSS MB':>12s}")
-        for row in res["ours"]["memory_phases"]:
+        _run_side("prepare", work, size, args.threads, lengths=args.lengths)
+        lengths = json.loads((work / "lengths.json").read_text())
+
+        def side_fn(name):
+            return lambda: _run_side(name, work, size, args.threads, args.same_heap, args.lengths)
+
+        def show(name, r, res):
+            print(f"run {r + 1}/{repeats} {name:11s} epoch {res['epoch_seconds']:7.2f} s  peak RSS {res['peak_rss_mb']:7.1f} MB",
+                  flush=True)
+        runs = bench_stats.alternate({name: side_fn(name) for name in sides}, repeats, show)
+        profile_rows = None
+        if args.profile:
+            _run_side("ours_packed" if args.lengths == "mixed" else "ours", work, size, args.threads,
+                      lengths=args.lengths, profile=str(Path(args.profile).resolve()))
+            profile_rows = str(args.profile)
+    ceilings.append(bench_stats.matmul_flops(*gemm, threads=args.threads))
+    ceiling = max(ceilings, key=lambda c: c["flops_per_s_best"])
+    bench_stats.finish_machine_info(machine)
+    total_tokens = sum(lengths)
+    fwd = bench_stats.llama_forward_flops(lengths, s["hidden"], s["ffn"], s["layers"], s["heads"], s["groups"], s["vocab"])
+    per_side = summarize_runs(runs, total_tokens, 3 * fwd, ceiling)
+    if "ours" in runs:
+        print(f"{'our phase (first run)':44s} {'RSS MB':>9s} {'peak RSS MB':>12s}")
+        for row in runs["ours"][0]["memory_phases"]:
             print(f"{row['phase']:44s} {row['rss_mb']:9.1f} {row['peak_rss_mb']:12.1f}")
-    if not {"ours", "trl_live", "trl_pre"} <= set(res):
-        print(json.dumps(res))
-        return
-    for name, r in res.items():
-        r["tokens_per_s"] = tokens_per_step / r["step_seconds"]
-        print(f"{name:9s} step {r['step_seconds'] * 1e3:8.1f} ms  {r['tokens_per_s']:9.1f} tokens/s  "
-              f"peak RSS {r['peak_rss_mb']:7.1f} MB  reference model resident during training: {r['reference_resident']}  "
-              f"loss {r['first_loss']:.5f} -> {r['final_loss']:.5f}")
-    ours, live, pre = res["ours"], res["trl_live"], res["trl_pre"]
+    for name, r in per_side.items():
+        t, m = r["tokens_per_s"], r["peak_rss_mb"]
+        print(f"{name:11s} {t['median']:9.1f} tokens/s (spread {t['spread']:.0%})  peak RSS {m['median']:7.1f} MB  "
+              f"{r['achieved_flops_per_s']['median'] / 1e9:6.2f} GFLOP/s = {r['ceiling_share']:.0%} of the matmul ceiling  "
+              f"step-0 loss {r['step0_loss']:.5f}")
+    print(f"matmul ceiling {gemm}: {ceiling['flops_per_s_best'] / 1e9:.2f} GFLOP/s (best), "
+          f"{ceiling['flops_per_s_median'] / 1e9:.2f} (median)")
+    ours_name = "ours_packed" if args.lengths == "mixed" and "ours_packed" in runs else "ours"
+    ratios = {}
+    for a in [x for x in ("ours", "ours_packed", "ours_fused") if x in runs]:
+        for b in [x for x in ("trl_live", "trl_pre") if x in runs] + (["ours"] if a != "ours" and "ours" in runs else []):
+            tps = bench_stats.compare([total_tokens / r["epoch_seconds"] for r in runs[a]],
+                                      [total_tokens / r["epoch_seconds"] for r in runs[b]])
+            rss = bench_stats.compare([r["peak_rss_mb"] for r in runs[a]], [r["peak_rss_mb"] for r in runs[b]])
+            ratios[f"{a}/{b}"] = {"tokens_per_s": {k: (_r(v) if isinstance(v, float) else v) for k, v in tps.items()},
+                                  "peak_rss": {k: (_r(v) if isinstance(v, float) else v) for k, v in rss.items()}}
+            print(f"{a}/{b}: tokens/s {bench_stats.fmt_ratio(tps)}  peak RSS {bench_stats.fmt_ratio(rss)}")
+    pad = next((r["pad_fraction"] for n, r in per_side.items() if n.startswith("trl") and "pad_fraction" in r), None)
     summary = {
-        "size": size, "same_heap": args.same_heap, "model": {k: s[k] for k in ("hidden", "layers", "vocab")},
-        "pairs_per_step": s["batch"],
-        "seq_len": s["prompt"] + s["response"] + 1, "threads": args.threads, "tokens_per_step": tokens_per_step,
-        "ours_tokens_per_s": round(ours["tokens_per_s"], 1),
-        "trl_live_tokens_per_s": round(live["tokens_per_s"], 1),
-        "trl_precomputed_tokens_per_s": round(pre["tokens_per_s"], 1),
-        "speedup_vs_trl_live": round(ours["tokens_per_s"] / live["tokens_per_s"], 3),
-        "speedup_vs_trl_precomputed": round(ours["tokens_per_s"] / pre["tokens_per_s"], 3),
-        "ours_peak_rss_mb": round(ours["peak_rss_mb"], 1),
-        "trl_live_peak_rss_mb": round(live["peak_rss_mb"], 1),
-        "trl_precomputed_peak_rss_mb": round(pre["peak_rss_mb"], 1),
-        "rss_ratio_vs_trl_live": round(ours["peak_rss_mb"] / live["peak_rss_mb"], 3),
-        "rss_ratio_vs_trl_precomputed": round(ours["peak_rss_mb"] / pre["peak_rss_mb"], 3),
-        "ours_reference_pass_seconds": round(ours["reference_pass_seconds"], 3),
-        "reference_resident": {"ours": ours["reference_resident"], "trl_live": live["reference_resident"],
-                               "trl_precomputed": pre["reference_resident"]},
-        "step0_loss": {"ours": ours["first_loss"], "trl_live": live["first_loss"], "trl_precomputed": pre["first_loss"]},
-        "trl_token_lengths": live.get("token_lengths"),
-        "ours_memory_phases": ours["memory_phases"],
+        "benchmark": "spin_step", "size": size, "lengths": args.lengths, "repeats": repeats, "same_heap": args.same_heap,
+        "model": {k: s[k] for k in ("hidden", "ffn", "layers", "heads", "groups", "vocab")},
+        "pairs_per_step": s["batch"], "steps": s["steps"], "seq_len": seq, "threads": args.threads,
+        "length_stats": bench_stats.length_stats(lengths), "real_tokens_per_epoch": total_tokens,
+        "trl_pad_fraction": None if pad is None else _r(pad),
+        "model_flops_per_real_token_forward": _r(fwd / total_tokens, 1),
+        "matmul_ceiling": {"shape": list(gemm), "flops_per_s_best": _r(ceiling["flops_per_s_best"], 0),
+                           "flops_per_s_median": _r(ceiling["flops_per_s_median"], 0)},
+        "headline_side": ours_name,
+        "sides": {n: {"tokens_per_s_median": _r(r["tokens_per_s"]["median"], 1),
+                      "tokens_per_s_spread": _r(r["tokens_per_s"]["spread"]),
+                      "tokens_per_s_runs": [_r(v, 1) for v in r["tokens_per_s"]["values"]],
+                      "peak_rss_mb_median": _r(r["peak_rss_mb"]["median"], 1),
+                      "peak_rss_mb_spread": _r(r["peak_rss_mb"]["spread"]),
+                      "achieved_gflops_median": _r(r["achieved_flops_per_s"]["median"] / 1e9),
+                      "ceiling_share": _r(r["ceiling_share"]),
+                      "step0_loss": r["step0_loss"], "reference_resident": r["reference_resident"]}
+                  for n, r in per_side.items()},
+        "ratios": ratios,
+        "machine": machine,
+        "profile_file": profile_rows,
     }
-    if "ours_fused" in res:  # the same step with train.fused_linear_logprobs=true
-        fused = res["ours_fused"]
-        summary.update({"ours_fused_tokens_per_s": round(fused["tokens_per_s"], 1),
-                        "fused_step_time_ratio": round(fused["step_seconds"] / ours["step_seconds"], 3),
-                        "ours_fused_peak_rss_mb": round(fused["peak_rss_mb"], 1),
-                        "fused_rss_ratio_vs_trl_live": round(fused["peak_rss_mb"] / live["peak_rss_mb"], 3),
-                        "fused_step0_loss": fused["first_loss"]})
+    if "ours" in runs:
+        summary["ours_memory_phases"] = runs["ours"][0]["memory_phases"]
+    if pad is not None and "trl_pre" in runs and ours_name in runs:
+        # issue 22's mixed-length target: ours packed >= 0.8 x 1/(1 - pad) x TRL precomputed tokens/s
+        want = 0.8 / (1 - pad)
+        got = ratios[f"{ours_name}/trl_pre"]["tokens_per_s"]
+        summary["target_mixed"] = {"needed_ratio_vs_trl_pre": _r(want), "ratio": got["ratio"],
+                                   "met": got["ratio"] >= want, "met_at_worst_run": got["ratio_min"] >= want}
     print(json.dumps(summary))
 
 
