@@ -511,7 +511,11 @@ def _apply(section: Any, values: dict, where: str) -> None:
     known = {f.name for f in dataclasses.fields(section)}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"{where}{key}: unknown field (known: {', '.join(sorted(known))})")
+            import difflib
+
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {where}{near[0]}? " if near else ""
+            raise ConfigError(f"{where}{key}: unknown field ({hint}known: {', '.join(sorted(known))})")
         current = getattr(section, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):

@@ -120,6 +120,10 @@ CASES = {
                                                                  "(0, 1]"]),
     "keep": (None, ["train.keep_checkpoints=-1"], ["train.keep_checkpoints=-1: must be >= 0"]),
     "warmup": (None, ["train.warmup_fraction=1"], ["train.warmup_fraction=1.0: must be in [0, 1)"]),
+    "field_typo": (None, ["train.micro_batchsize=2"], ["train.micro_batchsize: unknown field (did you mean "
+                                                       "train.micro_batch_size? known: adam_beta1, "]),
+    "section_typo": (None, ["trian.lr=[1e-5]"], ["trian: unknown field (did you mean train? known: data, "]),
+    "near_field": (None, ["spin.betas=[0.1]"], ["spin.betas: unknown field (did you mean spin.beta? known:"]),
 }
 
 
