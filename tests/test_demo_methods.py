@@ -1,7 +1,7 @@
 """``spin-mcore demo --method all``: its verified loops judge and keep samples with ``arith_equation``
-and run the recipe family of tests/test_selfimprove_improvement.py (where ReST^EM gains 7-10 standard
-errors), scaled to the demo's data: more prompts, fewer samples and epochs per prompt (docs/demo.md has
-the measured tables of both, and why the test's exact recipe overfits the demo's 512 prompts)."""
+and run the loop of tests/test_selfimprove_improvement.py (where ReST^EM gains 7-10 standard errors) with
+the demo's own data and theta_0's SFT optimizer: every training prompt, K = 4 (docs/demo.md has the measured
+tables of this recipe and of the test's, which memorises the demo's 512 SPIN prompts)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from spin_mcore.config import VerifyConfig
-from spin_mcore.demo.experiment import SHIPPED_DATA, SIZES, demo_config
+from spin_mcore.demo.experiment import SHIPPED_DATA, SIZES, _sft_config, demo_config
 from spin_mcore.selfimprove.demo import METHODS, _method_config
 from spin_mcore.selfimprove.verifiers import build_verifier, run_verifier
 from tests.test_selfimprove_improvement import RECIPE_RESTEM
@@ -24,22 +24,26 @@ def _value(cfg, key: str):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_demo_methods_run_the_improvement_tests_recipe_scaled_to_the_demo(tmp_path, method):
+def test_demo_methods_run_the_improvement_tests_loop_on_the_demos_data(tmp_path, method):
     cfg = demo_config(tmp_path, SIZES["full"], tmp_path / "tok.model", 512, 0)
     m = _method_config(cfg, tmp_path, method)
-    # Shared with the improvement test: keep verified only, 1 per prompt, continue from theta_t, Adam 1e-3
-    # without warmup, 3 iterations; K and epochs are the demo's own (docs/demo.md).
-    shared = [x for x in RECIPE_RESTEM if x.split("=")[0] not in ("selfimprove.num_samples", "train.epochs")]
-    recipe = [*shared, "verify.kind=arith_equation", "train.optimizer=adam", "train.global_batch_size=32",
-              "generation.temperature=1.0", "selfimprove.num_samples=8", "data.num_prompts=1024",
-              f"train.epochs={2 if method == 'Iterative RPO' else 3}"]
+    # Shared with the improvement test: keep verified only, 1 per prompt, continue from theta_t, 3 iterations.
+    shared = [x for x in RECIPE_RESTEM if x.split("=")[0] in ("selfimprove.keep_threshold",
+              "selfimprove.max_per_prompt", "selfimprove.restart_from_base", "run.iterations")]
+    # The demo's own: theta_0's SFT optimizer (experiment._sft_config), K 4 on every training prompt.
+    sft = _sft_config(cfg, tmp_path / "data.jsonl").train
+    recipe = [*shared, "verify.kind=arith_equation", f"train.optimizer={sft.optimizer}", f"train.lr={sft.lr}",
+              f"train.warmup_fraction={sft.warmup_fraction}", f"train.global_batch_size={sft.global_batch_size}",
+              "generation.temperature=1.0", "selfimprove.num_samples=4",
+              f"train.epochs={1 if method == 'Iterative RPO' else 2}"]
     if method == "Iterative RPO":  # DPO beta 0.1 + 1.0 x NLL of the chosen
         recipe += ["spin.sft_weight=1.0", "spin.beta=[0.1]", "spin.loss=logistic"]
     want = demo_config(tmp_path, SIZES["full"], tmp_path / "tok.model", 512, 0, recipe)  # parsed as the CLI does
     for key in dict(item.split("=", 1) for item in recipe):
         assert _value(m, key) == _value(want, key), (method, key)
-    assert len(shared) == 6 and (m.selfimprove.keep_threshold, m.selfimprove.max_per_prompt, m.train.lr,
-                                 m.train.warmup_fraction, m.run.iterations) == (1.0, 1, [1e-3], 0.0, 3)
+    assert len(shared) == 4 and m.data.num_prompts is None  # every training prompt
+    assert (m.selfimprove.max_per_prompt, m.selfimprove.restart_from_base, m.train.lr, m.run.iterations) == (
+        1, False, [3e-3], 3)
     # The SPIN part of the demo is untouched: the method configs are copies.
     assert (cfg.verify.kind, cfg.train.optimizer, cfg.train.lr, cfg.run.checker, cfg.data.num_prompts) == (
         None, "rmsprop", [1e-5], "arith", 512)

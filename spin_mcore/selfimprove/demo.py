@@ -5,16 +5,16 @@
     spin_diversity(run_dir, rows)                                  distinct-2 of SPIN's samples per iteration
     plot_methods(rows, path)                                       one line per method against iteration
 
-Every method starts from the same theta_0, samples the same training prompts and is evaluated on
-the same held-out prompts as the SPIN run (same ``data`` section). Verifier: ``arith_equation`` (the
+Every method starts from the same theta_0, samples the training prompts of the SPIN run's split (all
+of them: SPIN samples the first 512) and is evaluated on the same held-out prompts. Verifier: ``arith_equation`` (the
 whole "x op y = c. The answer is c." with its arithmetic computed), both for the samples kept and for the
 methods' held-out exact match; the table carries theta_0 judged by it as its own row, since SPIN's rows
-are judged by ``run.checker=arith`` (the answer only). Recipe (:data:`VERIFIED_RECIPE`) is the one
-tests/test_selfimprove_improvement.py shows gaining 7-10 standard errors: K = 16 samples at temperature 1,
-at most 1 kept per prompt, training continues from theta_t (not theta_0), Adam 1e-3 without warmup
-(the warmup's first step runs at LR 0), batch 32, sampling in batches of 256 (as the test); ReST^EM
-and STaR 10 epochs per iteration, Iterative RPO (DPO beta 0.1 + 1.0 x NLL of the chosen) 4 epochs.
-docs/demo.md has the measured table.
+are judged by ``run.checker=arith`` (the answer only). Recipe (:data:`VERIFIED_RECIPE`): the improvement
+test's loop (tests/test_selfimprove_improvement.py: keep verified samples, at most 1 per prompt, training
+continues from theta_t) on every training prompt (the SPIN part samples 512) with K = 4 samples at
+temperature 1, and theta_0's own SFT optimizer (Adam 3e-3, 5% warmup, batch 64); ReST^EM and STaR
+2 epochs per iteration, Iterative RPO (DPO beta 0.1 + 1.0 x NLL of the chosen) 1. docs/demo.md has the
+measured tables, this recipe's and the test's own, which memorises the 512 SPIN prompts here.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ from pathlib import Path
 
 METHODS = ("ReST-EM", "Iterative RPO", "STaR")
 VERIFIER = "arith_equation"
-VERIFIED_RECIPE = {"selfimprove.num_samples": 8, "selfimprove.keep_threshold": 1.0, "selfimprove.max_per_prompt": 1,
-                   "selfimprove.restart_from_base": False, "train.optimizer": "adam", "train.lr": [1e-3],
-                   "train.warmup_fraction": 0.0, "train.global_batch_size": 32, "train.micro_batch_size": 32,
-                   "generation.temperature": 1.0, "generation.batch_size": 256, "data.num_prompts": 1024,
+# K 4 on every training prompt, at most 1 kept per prompt, M-step from theta_t with theta_0's own SFT
+# optimizer: on 512 prompts (the SPIN part's) the test's 10 epochs at 1e-3 memorise them (docs/demo.md).
+VERIFIED_RECIPE = {"selfimprove.num_samples": 4, "selfimprove.keep_threshold": 1.0, "selfimprove.max_per_prompt": 1,
+                   "selfimprove.restart_from_base": False, "train.optimizer": "adam", "train.lr": [3e-3],
+                   "train.warmup_fraction": 0.05, "train.global_batch_size": 64, "train.micro_batch_size": 64,
+                   "generation.temperature": 1.0, "generation.batch_size": 256, "data.num_prompts": None,
                    "selfimprove.min_distinct_2": 0.0}
-EPOCHS = {"ReST-EM": 3, "STaR": 3, "Iterative RPO": 2}
+EPOCHS = {"ReST-EM": 2, "STaR": 2, "Iterative RPO": 1}
 _PLOT_METRICS = ("exact_match", "sampled_exact_match", "heldout_nll", "distinct_2")
 
 
