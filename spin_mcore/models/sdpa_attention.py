@@ -81,8 +81,17 @@ class SDPAttention(MegatronModule):
 
         mask = None
         is_causal = False
+        drop = self.dropout_p if self.training else 0.0
         if packed_seq_params is not None:
-            # One packed row (b == 1): causal within each segment only.
+            # One packed row (b == 1): causal within each segment only. One causal SDPA call per segment costs
+            # sum(L_i^2); a single call with the dense block mask costs (sum L_i)^2 and takes the masked (math)
+            # path: at spin_step --size large --lengths mixed that was most of the packed step (docs/benchmarks.md).
+            cu = packed_seq_params.cu_seqlens_q.tolist()
+            if cu[0] == 0 and cu[-1] == sq and sk == sq:
+                out = torch.cat([F.scaled_dot_product_attention(
+                    q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], is_causal=True, dropout_p=drop,
+                    scale=self.softmax_scale, enable_gqa=gqa) for a, e in zip(cu[:-1], cu[1:]) if e > a], dim=2)
+                return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
             mask = block_causal_mask(packed_seq_params.cu_seqlens_q, sq)
         elif attention_mask is not None:
             # Megatron's convention: True marks positions that must NOT be attended.
@@ -98,7 +107,7 @@ class SDPAttention(MegatronModule):
 
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale, enable_gqa=gqa,
+            dropout_p=drop, scale=self.softmax_scale, enable_gqa=gqa,
         )
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)

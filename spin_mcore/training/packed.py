@@ -118,17 +118,25 @@ def collate_packed(examples: Sequence[Example], seq_len: int, row_len: int, pad_
 
 
 def pack_microbatches(examples: Sequence[Example], seq_len: int, micro_batch: int,
-                      pad_id: int = 0) -> tuple[list[dict], list[list[int]]]:
+                      pad_id: int = 0, multiple: int | None = None) -> tuple[list[dict], list[list[int]]]:
     """Pack all of ``examples`` (this rank's pairs of one step) into rows of ``packed_row_length``.
 
+    ``multiple`` (``train.pad_to_longest``: :func:`~spin_mcore.training.batches.pad_multiple`): every row of
+    the step is cut to the step's fullest row, rounded up to ``multiple`` (one shape for the step, as PP's
+    send/recv buffers need). Without it a row of short pairs still ran all 2 * mb * S positions through every
+    GEMM: slower than the padded path at mixed lengths (benchmarks/spin_step.py --lengths mixed).
     Returns (micro-batches, pair indices into ``examples`` per micro-batch), rows in
     ``pack_pairs`` order. Deterministic; every pair appears exactly once.
     """
     from spin_mcore.data.packing import pack_pairs
 
     row_len = packed_row_length(seq_len, micro_batch)
-    bins = pack_pairs(segment_lengths(examples, seq_len), row_len)
+    lengths = segment_lengths(examples, seq_len)
+    bins = pack_pairs(lengths, row_len)
     groups = [bins.bin(b).tolist() for b in range(bins.n_bins)]
+    if multiple:
+        used = max(int(lengths[g].sum()) for g in groups)
+        row_len = min(row_len, -(-used // multiple) * multiple)
     return [collate_packed([examples[i] for i in g], seq_len, row_len, pad_id) for g in groups], groups
 
 

@@ -280,7 +280,8 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
             t0 = time.perf_counter()
             if packed:
                 # All of this rank's pairs of the step are packed together: same pairs, fewer rows.
-                micro, _ = pack_microbatches(reader.step_examples(step), seq_len, t_cfg.micro_batch_size)
+                micro, _ = pack_microbatches(reader.step_examples(step), seq_len, t_cfg.micro_batch_size,
+                                             multiple=pad_multiple(cfg))
             else:
                 micro = [collate(group, seq_len, objective, multiple=pad_multiple(cfg))
                          for group in step_microbatches(reader.step_examples(step), t_cfg.micro_batch_size)]
