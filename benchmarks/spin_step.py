@@ -290,6 +290,10 @@ def run_ours(work: Path, size: str, fused_linear: bool = False, packed: bool = F
     ref_model = setup_model(cfg, pstate, str(work / "theta0"), wrap_ddp=False)
     tag = "ours_fused" if fused_linear else "ours_packed" if packed else "ours"
     ref_dir = work / f"{tag}_ref"
+    import shutil
+
+    for stale in (ref_dir, work / f"{tag}_train"):  # a repeat must run, not resume the previous run's outputs
+        shutil.rmtree(stale, ignore_errors=True)
     compute_reference_logprobs(cfg, ref_model, pstate, [work / "pairs"], ref_dir)
     mem.mark("reference pass")
     ref_seconds = time.perf_counter() - t0

@@ -86,11 +86,15 @@ class SDPAttention(MegatronModule):
             # One packed row (b == 1): causal within each segment only. One causal SDPA call per segment costs
             # sum(L_i^2); a single call with the dense block mask costs (sum L_i)^2 and takes the masked (math)
             # path: at spin_step --size large --lengths mixed that was most of the packed step (docs/benchmarks.md).
+            # split, not slicing: a slice's backward zero-fills a whole-row gradient per segment (fill_ + add_
+            # were 32% of the packed large step's CPU time in torch.profiler); split's backward is one cat.
             cu = packed_seq_params.cu_seqlens_q.tolist()
             if cu[0] == 0 and cu[-1] == sq and sk == sq:
+                sizes = [e - a for a, e in zip(cu[:-1], cu[1:])]
+                parts = zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2))
                 out = torch.cat([F.scaled_dot_product_attention(
-                    q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], is_causal=True, dropout_p=drop,
-                    scale=self.softmax_scale, enable_gqa=gqa) for a, e in zip(cu[:-1], cu[1:]) if e > a], dim=2)
+                    qs, ks, vs, is_causal=True, dropout_p=drop, scale=self.softmax_scale, enable_gqa=gqa)
+                    for qs, ks, vs in parts if qs.shape[2]], dim=2)
                 return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
             mask = block_causal_mask(packed_seq_params.cu_seqlens_q, sq)
         elif attention_mask is not None:
