@@ -59,11 +59,11 @@ def _spin_step_row(r: dict) -> list[str]:
 def _iteration_row(r: dict) -> list[str]:
     ours, theirs = r["headline_side"], "authors"
     whole = r["ratios"].get(f"{theirs}/{ours}")  # their seconds / ours = our speed-up
-    stages = ", ".join(f"{k} {v['ours']:.0f} vs {v['authors']:.0f} s" for k, v in r["stage_seconds"].items())
+    stages = ", ".join(f"{k} {v['ours']:.1f} vs {v['authors']:.1f} s" for k, v in r["stage_seconds"].items())
     return [f"`iteration.py` {ours}", f"{r['size']}, {r['prompts']} prompts", f"{r['repeats']}",
             f"{r['sides'][ours]['seconds_median']:.0f} s ({r['sides'][ours]['seconds_spread']:.0%})",
             "", "", "", "", _load(r.get("machine", {})),
-            f"whole iteration {_ratio(whole)} faster than the authors' pipeline; {stages}"]
+            f"authors' pipeline time / ours {_ratio(whole)} (above 1: ours faster); ours vs authors: {stages}"]
 
 
 HEADER = ["benchmark", "configuration", "runs", "ours (spread)", "vs TRL live", "vs TRL precomputed",
