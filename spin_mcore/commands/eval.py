@@ -53,6 +53,7 @@ def _harness_vllm(cfg, hf_dir: str, calls: list, include_path, out: Path) -> dic
     from spin_mcore.launcher import WorkerError
     from spin_mcore.platform.distributed import select_device
     from spin_mcore.utils.io import atomic_write_json, read_json
+    from spin_mcore.utils.procs import run_in_own_session
 
     gen = dataclasses.replace(cfg.generation, backend="vllm")
     python = engine_python(gen)  # ConfigError naming launch/setup_vllm.sh when it is missing
@@ -65,8 +66,8 @@ def _harness_vllm(cfg, hf_dir: str, calls: list, include_path, out: Path) -> dic
     if env.get("HF_HUB_OFFLINE") == "1":  # local task files: datasets must not try the hub either
         env.setdefault("HF_DATASETS_OFFLINE", "1")
     with log.open("ab") as fh:
-        rc = subprocess.run([str(python), "-m", "spin_mcore.eval.harness_worker", str(job)], stdout=fh,
-                            stderr=subprocess.STDOUT, env=env, cwd=str(CHECKOUT)).returncode
+        rc = run_in_own_session([str(python), "-m", "spin_mcore.eval.harness_worker", str(job)], stdout=fh,
+                                stderr=subprocess.STDOUT, env=env, cwd=str(CHECKOUT))
     got = read_json(result)
     if rc != 0 or got is None:
         tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-15:])

@@ -47,6 +47,7 @@ from spin_mcore.generation.sampling import SamplingParams, sampling_vocab_size
 from spin_mcore.generation.stage import STAGE, _records, _shard_text, prepare_prompts, stage_fingerprint
 from spin_mcore.generation.workers import protocol
 from spin_mcore.utils.io import atomic_write_json, atomic_write_text
+from spin_mcore.utils.procs import end_session
 from spin_mcore.utils.shards import ShardedStage
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -430,6 +431,9 @@ def _wait(proc: subprocess.Popen) -> int:
                 _stop(proc, signal.SIGTERM)
                 raise preemption.preempted("generation engine (finished shards kept)") from None
             continue
+        # A worker that ended (SIGKILLed above all) may leave vLLM's engine-core processes behind,
+        # holding the memory the next engine start needs.
+        end_session(proc.pid)
         _raise_if_preempted(returncode)
         return returncode
 
@@ -453,6 +457,7 @@ def _stop(proc: subprocess.Popen, sig: int) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    end_session(proc.pid)
 
 
 def generate_with_engine(cfg, pstate, load_model, sets: list[tuple], tokenizer, iteration: int, checkpoint_id: str,
