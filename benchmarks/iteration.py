@@ -8,16 +8,18 @@ sample one opponent response per prompt (temperature 1, no top-k/top-p, at most 
 train one epoch of SPIN pairs (B pairs a step, RMSprop, beta 0.1, fp32, the same threads).
 
     ours      the stage functions ``spin-mcore run`` calls (spin_mcore.loop.generate_and_score, then
-              training.trainer.train with the resident theta_t): the in-process KV-cache engine,
-              the reference pass, training padded to each micro-batch's longest row (the default; ``--pack``
-              trains packed, train.pack_sequences=true, slower on CPU: see docs/benchmarks.md); stage seconds from the
-              run's timeline.jsonl (model loads inside the stage that loads; the final model save inside
-              training, on both sides).
+              training.trainer.train with the resident theta_t): the in-process KV-cache engine, the
+              reference pass and training, both packed (train.pack_sequences=true; ``--no-pack`` pads
+              each micro-batch to its longest row instead); stage seconds from the run's timeline.jsonl
+              (model loads inside the stage that loads; the final model save inside training, on both sides).
+    ours_vllm the same with ``generation.backend=vllm``: theta_t exported to HF, vLLM-CPU started in its own
+              environment (.venv-vllm, ``bash launch/setup_vllm.sh --device cpu``) as ``spin-mcore run``
+              starts it, the trainer-engine agreement check included; generation = export + engine
+              start + generation. Left out, with a line saying so, when .venv-vllm is missing.
     authors   the pipeline of the SPIN authors' code (uclaml/SPIN): ``transformers`` ``generate`` in
               left-padded batches of ``--gen-batch`` prompts, then TRL ``DPOTrainer`` with a live reference
               model on padded batches (model loads and dataset tokenisation counted in its stages).
 
-vLLM-CPU (``generation.backend=vllm`` in .venv-vllm) is not a side yet: see docs/benchmarks.md.
 Each side runs in its own subprocess, alternately (A B A B ...); the JSON gives each stage's median
 seconds, the whole iteration's median and spread, and the ratio authors / ours with its range.
 The last line of output is JSON.
@@ -53,11 +55,14 @@ def _prompts(work: Path):
     return [TokenizedPrompt(str(r["prompt_id"]), r["prompt_ids"], r["real_ids"]) for r in read_stage(work / "pairs")]
 
 
-def run_ours(work: Path, size: str, tag: str, pack: bool = False) -> dict:
-    """One iteration through spin_mcore.loop's stage functions; returns stage seconds from the timeline."""
+def run_ours(work: Path, size: str, tag: str, pack: bool = True, backend: str = "megatron") -> dict:
+    """One iteration through spin_mcore.loop's stage functions; returns stage seconds from the timeline.
+
+    backend: generation.backend, ``megatron`` (in-process engine) or ``vllm`` (vLLM-CPU in .venv-vllm).
+    """
     from spin_mcore.config import load_config
     from spin_mcore.data.tokenizer import load_tokenizer
-    from spin_mcore.loop import generate_and_score
+    from spin_mcore.loop import generate_and_score, generate_with_engine
     from spin_mcore.platform import init_distributed
     from spin_mcore.run_dir import RunDir
     from spin_mcore.timeline import Timeline
@@ -67,7 +72,7 @@ def run_ours(work: Path, size: str, tag: str, pack: bool = False) -> dict:
     s = spin_step.SIZES[size]
     n = s["batch"] * s["steps"]
     cfg = load_config(overrides=spin_step._overrides(s) + [
-        f"train.pack_sequences={str(pack).lower()}", "generation.backend=megatron", f"generation.max_new_tokens={_max_new(s)}",
+        f"train.pack_sequences={str(pack).lower()}", f"generation.backend={backend}", f"generation.max_new_tokens={_max_new(s)}",
         "generation.temperature=1.0", "generation.top_k=0", "generation.top_p=1.0", f"generation.shard_size={n}",
         "train.epochs=1"])
     pstate = init_distributed(cfg.parallel, seed=0)
@@ -79,6 +84,8 @@ def run_ours(work: Path, size: str, tag: str, pack: bool = False) -> dict:
     t0 = time.perf_counter()
     timeline = Timeline(run.root, pstate)
     resident = ResidentPolicy(cfg, pstate, theta)
+    if backend != "megatron":  # as run_iteration: the engine writes the generation stage, then scoring
+        generate_with_engine(cfg, pstate, run, 0, theta, [("train", prompts)], tok, timeline, resident)
     ref_dir = generate_and_score(cfg, pstate, run, 0, theta, prompts, tok, "train", [], timeline, resident)
     with timeline.stage(0, "training"):
         train(cfg, pstate, [ref_dir], theta, run.train(0), iteration=0, load_model=resident.take)
@@ -88,6 +95,9 @@ def run_ours(work: Path, size: str, tag: str, pack: bool = False) -> dict:
     for line in (run.root / "timeline.jsonl").read_text().splitlines():
         rec = json.loads(line)
         name = "checkpoint_in_training" if rec["stage"] == "checkpoint" else rec["stage"]
+        if name in ("export", "engine_start"):  # parts of generation with an external engine
+            stages[name] = stages.get(name, 0.0) + rec["wall_s"]
+            name = "generation"
         stages[name] = stages.get(name, 0.0) + rec["wall_s"]
     # training = the rest of the iteration's wall time: the trainer's final model save is timed apart from the
     # timeline's training span, and the authors' side counts its save_model in training too
@@ -153,11 +163,14 @@ def run_authors(work: Path, size: str, tag: str) -> dict:
             "first_loss": losses[0] if losses else None}
 
 
-def _run_side(side: str, work: Path, size: str, threads: int, tag: str, pack: bool = False) -> dict:
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def _run_side(side: str, work: Path, size: str, threads: int, tag: str, pack: bool = True) -> dict:
     env = dict(os.environ, SPIN_MCORE_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--size", size, "--threads", str(threads),
-           "--tag", tag] + (["--pack"] if pack else [])
+           "--tag", tag] + ([] if pack else ["--no-pack"])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -171,23 +184,27 @@ def main() -> None:
     parser.add_argument("--size", default=None, choices=("quick", "large"))
     parser.add_argument("--repeats", type=int, default=None, help="alternating runs per side (default 3 large, 2 quick)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sides", default=None,
+                        help="comma list of ours, ours_vllm, authors (default: all three; ours_vllm only where "
+                             ".venv-vllm exists)")
     parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tag", default="0", help=argparse.SUPPRESS)
-    parser.add_argument("--pack", action="store_true", help="our training packed (train.pack_sequences=true)")
+    parser.add_argument("--no-pack", dest="pack", action="store_false",
+                        help="our reference pass and training padded per micro-batch (train.pack_sequences=false)")
     args = parser.parse_args()
     if args.side:
         import torch
 
         torch.set_num_threads(args.threads)
-        fn = {"ours": run_ours, "authors": run_authors, "prepare": None}[args.side]
-        if fn is None:
+        if args.side == "prepare":
             spin_step.prepare(Path(args.work), args.size, "mixed")
             out = {}
-        elif args.side == "ours":
-            out = fn(Path(args.work), args.size, args.tag, args.pack)
+        elif args.side in ("ours", "ours_vllm"):
+            out = run_ours(Path(args.work), args.size, args.tag, args.pack,
+                           "vllm" if args.side == "ours_vllm" else "megatron")
         else:
-            out = fn(Path(args.work), args.size, args.tag)
+            out = run_authors(Path(args.work), args.size, args.tag)
         print("RESULT " + json.dumps(out))
         return
     import tempfile
@@ -196,7 +213,24 @@ def main() -> None:
         parser.error(f"--quick contradicts --size {args.size}")
     size = args.size or ("quick" if args.quick else "large")
     repeats = args.repeats or (3 if size == "large" else 2)
+    known = ("ours", "ours_vllm", "authors")
+    names = args.sides.split(",") if args.sides else list(known)
+    if any(n not in known for n in names) or "authors" not in names or len(names) < 2:
+        parser.error(f"--sides {args.sides}: a comma list of {', '.join(known)} with authors and one of ours")
+    if "ours_vllm" in names and not VLLM_PYTHON.exists():
+        print(f"ours_vllm left out: {VLLM_PYTHON} is missing (bash launch/setup_vllm.sh --device cpu)", flush=True)
+        names.remove("ours_vllm")
     s = spin_step.SIZES[size]
+    if "ours_vllm" in names:
+        from spin_mcore.config import load_config
+        from spin_mcore.errors import ConfigError
+        from spin_mcore.generation.external import check_engine_model
+
+        try:  # vLLM's CPU attention takes a few head sizes only: --quick's 16 is not one of them
+            check_engine_model("vllm", load_config(overrides=spin_step._overrides(s)).model, "cpu")
+        except ConfigError as e:
+            print(f"ours_vllm left out at size {size}: {e}", flush=True)
+            names.remove("ours_vllm")
     machine = bench_stats.machine_info(args.threads)
     counter = iter(range(10**6))
     with tempfile.TemporaryDirectory(prefix="spin_iter_") as tmp:
@@ -208,31 +242,39 @@ def main() -> None:
 
         def show(name, r, res):
             st = "  ".join(f"{k} {v:.1f} s" for k, v in res["stages"].items())
-            print(f"run {r + 1}/{repeats} {name:8s} {res['seconds']:7.1f} s  ({st})", flush=True)
-        runs = bench_stats.alternate({"ours": side_fn("ours"), "authors": side_fn("authors")}, repeats, show)
+            print(f"run {r + 1}/{repeats} {name:9s} {res['seconds']:7.1f} s  ({st})", flush=True)
+        runs = bench_stats.alternate({n: side_fn(n) for n in names}, repeats, show)
     bench_stats.finish_machine_info(machine)
-    names = ("generation", "reference", "training")
+    stage_names = ("generation", "reference", "training")
     stage_seconds = {}
-    for st in names:
-        stage_seconds[st] = {side: round(statistics.median(r["stages"].get(st, 0.0) for r in runs[side]), 2)
-                             for side in runs}
-    whole = bench_stats.compare([r["seconds"] for r in runs["authors"]], [r["seconds"] for r in runs["ours"]])
-    saved = {st: stage_seconds[st]["authors"] - stage_seconds[st]["ours"] for st in names}
-    biggest = max(saved, key=saved.get)
+    for st in stage_names + ("export", "engine_start"):
+        if any(st in r["stages"] for rs in runs.values() for r in rs):
+            stage_seconds[st] = {side: round(statistics.median(r["stages"].get(st, 0.0) for r in rs), 2)
+                                 for side, rs in runs.items()}
+    ours_sides = [n for n in names if n != "authors"]
+    ratios, biggest, saved = {}, {}, {}
+    for side in ours_sides:
+        whole = bench_stats.compare([r["seconds"] for r in runs["authors"]], [r["seconds"] for r in runs[side]])
+        ratios[f"authors/{side}"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in whole.items()}
+        saved[side] = {st: round(stage_seconds[st]["authors"] - stage_seconds[st][side], 2) for st in stage_names}
+        biggest[side] = max(saved[side], key=saved[side].get)
     sides = {n: {"seconds_median": round(statistics.median(r["seconds"] for r in rs), 2),
                  "seconds_spread": round(bench_stats.summarize([r["seconds"] for r in rs])["spread"], 3),
                  "seconds_runs": [round(r["seconds"], 2) for r in rs],
                  "generated_tokens": rs[0]["generated_tokens"], "train_steps": rs[0]["train_steps"],
                  "step0_loss": rs[0]["first_loss"]} for n, rs in runs.items()}
-    for st in names:
-        print(f"{st:11s} ours {stage_seconds[st]['ours']:7.1f} s   authors {stage_seconds[st]['authors']:7.1f} s")
-    print(f"whole iteration: authors / ours = {bench_stats.fmt_ratio(whole)}; the stage that gives the most: {biggest}")
+    for st, row in stage_seconds.items():
+        print(f"{st:12s} " + "   ".join(f"{side} {v:7.1f} s" for side, v in row.items()))
+    for side in ours_sides:
+        print(f"whole iteration: authors / {side} = {bench_stats.fmt_ratio(ratios['authors/' + side])}; "
+              f"the stage that gives the most: {biggest[side]}")
+    headline = "ours" if "ours" in ours_sides else ours_sides[0]
     summary = {"benchmark": "iteration", "size": size, "prompts": s["batch"] * s["steps"], "max_new_tokens": _max_new(s),
-               "pairs_per_step": s["batch"], "repeats": repeats, "ours_packed_training": args.pack, "threads": args.threads, "headline_side": "ours",
-               "sides": sides, "stage_seconds": stage_seconds,
-               "ratios": {"authors/ours": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in whole.items()}},
-               "stage_giving_most": biggest, "seconds_saved_by_stage": {k: round(v, 2) for k, v in saved.items()},
-               "target_2x_met": whole["ratio"] >= 2.0, "machine": machine}
+               "pairs_per_step": s["batch"], "repeats": repeats, "ours_packed_training": args.pack,
+               "threads": args.threads, "headline_side": headline, "sides": sides, "stage_seconds": stage_seconds,
+               "ratios": ratios, "stage_giving_most": biggest[headline], "stage_giving_most_by_side": biggest,
+               "seconds_saved_by_stage": saved[headline], "seconds_saved_by_stage_by_side": saved,
+               "target_2x_met": ratios[f"authors/{headline}"]["ratio"] >= 2.0, "machine": machine}
     print(json.dumps(summary))
 
 

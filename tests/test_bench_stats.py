@@ -103,3 +103,29 @@ def test_readme_table_bad_input(tmp_path, capsys):
     assert readme_table.main(["--results", str(results), "--readme", str(tmp_path / "R.md"),
                               "--doc", str(tmp_path / "d.md")]) == 1
     assert "R.md: no <!-- bench-table:begin -->" in capsys.readouterr().err
+
+
+RECORDED_ITERATION = {
+    "benchmark": "iteration", "size": "large", "prompts": 20, "repeats": 3, "ours_packed_training": True,
+    "headline_side": "ours",
+    "sides": {"ours": {"seconds_median": 90.0, "seconds_spread": 0.05},
+              "ours_vllm": {"seconds_median": 100.0, "seconds_spread": 0.1},
+              "authors": {"seconds_median": 200.0, "seconds_spread": 0.2}},
+    "stage_seconds": {"generation": {"ours": 50.0, "ours_vllm": 60.0, "authors": 140.0},
+                      "reference": {"ours": 10.0, "ours_vllm": 10.0, "authors": 0.0},
+                      "engine_start": {"ours": 0.0, "ours_vllm": 20.0, "authors": 0.0}},
+    "ratios": {"authors/ours": {"ratio": 2.22, "ratio_min": 2.0, "ratio_max": 2.5, "overlap": False},
+               "authors/ours_vllm": {"ratio": 2.0, "ratio_min": 1.5, "ratio_max": 2.4, "overlap": True}},
+    "machine": {"loadavg_before": [1.0, 1.0, 1.0], "loadavg_after": [2.0, 2.0, 1.0]},
+}
+
+
+def test_iteration_rows_one_per_side_of_ours():
+    rows = [r for r in readme_table.render_table([RECORDED_ITERATION]).splitlines() if r.startswith("| `iteration")]
+    assert len(rows) == 2
+    assert rows[0].startswith("| `iteration.py` ours | large, 20 prompts packed | 3 | 90 s (5%) |")
+    assert "2.22x [2.00-2.50] (above 1: ours faster)" in rows[0]
+    # a stage neither side spent time in is left out; the in-process side has no engine start
+    assert "generation 50.0 vs 140.0 s, reference 10.0 vs 0.0 s" in rows[0] and "engine_start" not in rows[0]
+    assert rows[1].startswith("| `iteration.py` ours_vllm |") and "2.00x [1.50-2.40] overlap" in rows[1]
+    assert "engine_start 20.0 vs 0.0 s" in rows[1]

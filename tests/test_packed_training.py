@@ -77,6 +77,7 @@ def _worker(tmp: str) -> dict:
     from spin_mcore.training.reference import compute_reference_logprobs, loss_spec
     from spin_mcore.training.step import score_microbatches
     from spin_mcore.training.trainer import setup_model, train
+    from spin_mcore.utils.io import read_json
 
     tmp = Path(tmp)
     res: dict = {}
@@ -107,6 +108,18 @@ def _worker(tmp: str) -> dict:
     res["positions_padded"] = sum(b["tokens"].numel() for b in padded)
     res["positions_packed"] = sum(b["tokens"].numel() for b in packed)
     res["real_tokens"] = (sum(b["num_tokens"] for b in padded), sum(b["num_tokens"] for b in packed))
+
+    # (c) the reference pass packed (train.pack_sequences=true) against the padded one above
+    from spin_mcore.utils.shards import read_stage
+
+    cp = load_config(overrides=BASE + ["train.pack_sequences=true"])
+    res["ref_packed_summary"] = compute_reference_logprobs(cp, model, pstate, [tmp / "gen"], tmp / "ref_packed")
+    res["ref_padded_summary"] = (read_json(tmp / "ref" / "manifest.json") or {}).get("summary")
+    pad_refs = [(r["prompt_id"], r["ref_logp_real"], r["ref_logp_generated"]) for r in read_stage(tmp / "ref")]
+    pk_refs = [(r["prompt_id"], r["ref_logp_real"], r["ref_logp_generated"]) for r in read_stage(tmp / "ref_packed")]
+    res["ref_ids_equal"] = [x[0] for x in pad_refs] == [x[0] for x in pk_refs]
+    res["ref_diff"] = max(abs(a[i] - b[i]) for a, b in zip(pad_refs, pk_refs) for i in (1, 2))
+    res["ref_fingerprints"] = [(read_json(tmp / d / "manifest.json") or {}).get("fingerprint") for d in ("ref", "ref_packed")]
 
     # (b) one train step, same plan (data order, global batch), padded vs packed
     sums = {}
@@ -159,3 +172,21 @@ def test_packed_train_step_matches_padded(result):
     print(f"weights moved {moved:.3g}, packed vs padded max diff {diff:.3g}")
     assert diff < 1e-5, diff
     np.testing.assert_allclose(pad["final"]["margin"], pk["final"]["margin"], atol=1e-5)
+
+
+def test_packed_reference_pass_matches_padded(result):
+    """train.pack_sequences=true packs the reference pass too: the same scores to fp32 rounding, fewer positions."""
+    _, res = result
+    print(f"reference packed vs padded max abs diff {res['ref_diff']:.3g}")
+    assert res["ref_ids_equal"]
+    assert res["ref_diff"] < 5e-5, res["ref_diff"]
+    fp_pad, fp_packed = res["ref_fingerprints"]
+    assert fp_pad and fp_packed and fp_pad != fp_packed  # a padded stage is never resumed as a packed one
+    # 16 micro-batches of 2 rows, each padded to its longest (train.pad_to_longest), vs a few rows of at most
+    # 2 * MB * SEQ positions: 528 vs 336 on these records
+    pad_pos, packed_pos = res["ref_padded_summary"]["positions"], res["ref_packed_summary"]["positions"]
+    print(f"positions: padded {pad_pos}, packed {packed_pos}")
+    assert pad_pos <= 16 * 2 * SEQ
+    assert res["ref_packed_summary"]["packed"] and not res["ref_padded_summary"]["packed"]
+    assert res["ref_packed_summary"]["padded_length_max"] <= 2 * MB * SEQ
+    assert packed_pos <= 0.7 * pad_pos, (packed_pos, pad_pos)

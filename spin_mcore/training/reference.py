@@ -5,6 +5,9 @@ pair once, right after generation, means training keeps one model resident. The
 pass uses exactly the training code path (``spin_mcore.training.step``: same
 collate and padding rule, same micro-batch size, same Megatron schedule and
 log-prob function), so at step 0 the policy reproduces these numbers to rounding.
+With ``train.pack_sequences`` the pass packs too (:mod:`spin_mcore.training.packed`): the trainer's
+packed rows are then scored by the same attention and log-prob code, and the pass skips the
+padding a micro-batch of mixed lengths carries.
 
 Output: a ShardedStage directory (resumable by shard) whose records are the input
 records plus ``ref_logp_real`` and ``ref_logp_generated`` (fp32 sums over response tokens).
@@ -42,20 +45,25 @@ def loss_spec(cfg, pstate, iteration: int = 0) -> LossSpec:
 
 def _fingerprint(cfg, in_dirs: Sequence, model_id: str) -> str:
     inputs = [(str(Path(d).resolve()), (read_json(Path(d) / "manifest.json") or {}).get("fingerprint")) for d in in_dirs]
+    packed = {"packed": True} if cfg.train.pack_sequences else {}  # absent when off: older stages still resume
     return fingerprint({"inputs": inputs, "model": cfg.model.__dict__, "model_id": model_id,
-                        "micro_batch": cfg.train.micro_batch_size, "precision": cfg.precision.recipe})
+                        "micro_batch": cfg.train.micro_batch_size, "precision": cfg.precision.recipe, **packed})
 
 
 def _score_records(cfg, model, pstate, records: list[dict], spec: LossSpec,
-                   lengths: list[int]) -> dict[int, tuple[float, float]]:
+                   lengths: list[tuple[int, int]]) -> dict[int, tuple[float, float]]:
     """{index in records: (ref_real, ref_gen)}, gathered onto every rank. Collective.
 
-    Appends this rank's padded row length of every micro-batch to ``lengths``.
+    Appends (rows, padded row length) of every micro-batch this rank ran to ``lengths``.
     """
     from spin_mcore.models.chunks import model_chunks
 
     mb, seq_len = cfg.train.micro_batch_size, cfg.model.seq_length
     mine = list(range(pstate.dp_rank, len(records), pstate.dp))
+    if cfg.train.pack_sequences:
+        seq = _score_packed(cfg, model, pstate, [records[i] for i in mine], spec, lengths)
+        found = {mine[j]: v for j, v in seq.items()} if pstate.is_last_stage and pstate.tp_rank == 0 else {}
+        return _gather(found)
     # Every DP rank runs the same number of micro-batches; the padding repeats an item and is discarded.
     n_mb = max(1, math.ceil(math.ceil(len(records) / pstate.dp) / mb))
     if len(model_chunks(model)) > 1:  # the interleaved schedule runs micro-batches in groups of pp
@@ -63,7 +71,7 @@ def _score_records(cfg, model, pstate, records: list[dict], spec: LossSpec,
     padded = (mine + [mine[-1] if mine else 0] * (n_mb * mb))[: n_mb * mb]
     examples = [example_from_record(records[i], f"record {i}", need_generated=True, need_refs=False) for i in padded]
     micro = [collate(examples[k * mb:(k + 1) * mb], seq_len, "spin", multiple=pad_multiple(cfg)) for k in range(n_mb)]
-    lengths += [b["tokens"].shape[1] for b in micro]
+    lengths += [tuple(b["tokens"].shape) for b in micro]
     seq = score_microbatches(model, micro, spec, seq_len, mb)  # last stage: n_mb tensors [2 mb]
     found: dict[int, tuple[float, float]] = {}
     if pstate.is_last_stage and pstate.tp_rank == 0:
@@ -72,10 +80,49 @@ def _score_records(cfg, model, pstate, records: list[dict], spec: LossSpec,
                 pos = k * mb + j
                 if pos < len(mine):
                     found[mine[pos]] = (float(s[j]), float(s[mb + j]))
+    return _gather(found)
+
+
+def _gather(found: dict) -> dict:
+    """The union of every rank's ``found``. Collective."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, found)
         found = {k: v for part in parts for k, v in part.items()}
+    return found
+
+
+def _score_packed(cfg, model, pstate, records: list[dict], spec: LossSpec,
+                  lengths: list[tuple[int, int]]) -> dict[int, tuple[float, float]]:
+    """{index in records: (ref_real, ref_gen)} on the last stage's TP rank 0 ({} elsewhere), packed rows.
+
+    This rank's records are packed as the trainer packs a step (:func:`pack_microbatches`, every row cut
+    to the fullest one). Under the interleaved schedule the row count is topped up to a multiple of
+    ``parallel.pp`` with copies of the last row, whose scores are discarded. Appends (1, row length) of
+    each row to ``lengths``.
+    """
+    import dataclasses
+
+    from spin_mcore.models.chunks import model_chunks
+    from spin_mcore.training.packed import pack_microbatches, packed_qkv_format, packed_row_length
+
+    mb, seq_len = cfg.train.micro_batch_size, cfg.model.seq_length
+    if not records:  # fewer records than DP ranks: the forward-only schedule has no collective across DP
+        return {}
+    examples = [example_from_record(r, f"record {i}", need_generated=True, need_refs=False)
+                for i, r in enumerate(records)]
+    micro, groups = pack_microbatches(examples, seq_len, mb, multiple=pad_multiple(cfg))
+    n_real = len(micro)
+    if len(model_chunks(model)) > 1 and len(micro) % pstate.pp:
+        micro += [micro[-1]] * (pstate.pp - len(micro) % pstate.pp)
+    lengths += [tuple(b["tokens"].shape) for b in micro]
+    spec = dataclasses.replace(spec, qkv_format=packed_qkv_format(pstate))
+    seq = score_microbatches(model, micro, spec, packed_row_length(seq_len, mb), mb, rows=1)
+    found: dict[int, tuple[float, float]] = {}
+    for s, group in zip(seq[:n_real], groups):
+        k = len(group)
+        for j, index in enumerate(group):
+            found[index] = (float(s[j]), float(s[k + j]))
     return found
 
 
@@ -109,7 +156,7 @@ def compute_reference_logprobs(cfg, model, pstate, in_dirs: Sequence, out_dir, f
     shard = cfg.generation.shard_size
     model.eval()
     scored = 0
-    lengths: list[int] = []  # padded row length of each micro-batch this rank ran
+    lengths: list[tuple[int, int]] = []  # (rows, padded row length) of each micro-batch this rank ran
     n_shards = (len(records) + shard - 1) // shard
     todo = [i for i in range(n_shards) if not stage.has_shard(i)]
     for index in todo:
@@ -129,8 +176,10 @@ def compute_reference_logprobs(cfg, model, pstate, in_dirs: Sequence, out_dir, f
     summary = {"pairs": len(records), "scored_now": scored, "seconds": round(time.perf_counter() - start, 3),
                "micro_batch_size": cfg.train.micro_batch_size, "seq_length": cfg.model.seq_length,
                # rows are padded per micro-batch (train.pad_to_longest); rank 0's lengths
-               "padded_length_mean": round(sum(lengths) / len(lengths), 2) if lengths else None,
-               "padded_length_max": max(lengths, default=None)}
+               "padded_length_mean": round(sum(n for _, n in lengths) / len(lengths), 2) if lengths else None,
+               "padded_length_max": max((n for _, n in lengths), default=None),
+               "packed": bool(cfg.train.pack_sequences),
+               "positions": sum(r * n for r, n in lengths)}  # rank 0's, padding included
     if pstate.rank == 0:
         stage.finalize(summary)
     if dist.is_initialized():
