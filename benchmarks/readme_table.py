@@ -44,10 +44,14 @@ def _spin_step_row(r: dict) -> list[str]:
     ratios = r["ratios"]
     cfg = (f"{r['size']}, {r['lengths']} lengths (pad {r['trl_pad_fraction']:.0%})" if r.get("trl_pad_fraction") is not None
            else f"{r['size']}, {r['lengths']} lengths")
-    target = r.get("target_mixed")
+    target, uniform = r.get("target_mixed"), r.get("target_uniform")
     note = ""
-    if target:
+    if target and r.get("lengths") == "mixed":
         note = f"target {target['needed_ratio_vs_trl_pre']:.2f}x vs TRL pre: {'met' if target['met'] else 'not met'}"
+    elif uniform:
+        note = (f"target {uniform['needed_ratio_vs_trl_live']:.2f}x vs TRL live: {'met' if uniform['met'] else 'not met'}; "
+                f"RSS <= {uniform['rss_bound_vs_trl_live']:.2f}x: {'met' if uniform['rss_met'] else 'not met'} "
+                f"(worst run: {'met' if uniform['rss_met_at_worst_run'] else 'not met'})")
     return [f"`spin_step.py` {head}", cfg, f"{r['repeats']}",
             f"{side['tokens_per_s_median']:.0f} tok/s ({side['tokens_per_s_spread']:.0%})",
             _ratio(ratios.get(f"{head}/trl_live", {}).get("tokens_per_s")),

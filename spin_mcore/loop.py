@@ -276,7 +276,10 @@ def run_iteration(cfg: Config, pstate, run: RunDir, t: int, theta: str, data: Pr
     """One SPIN iteration from theta_t; returns (theta_{t+1} checkpoint, evaluation row)."""
     from spin_mcore.training.trainer import train
 
+    from spin_mcore.models.checkpoint import prestart_save_queue
+
     start = time.perf_counter()
+    prestart_save_queue()  # theta_{t+1}'s save at the end of training: its once-per-process set-up starts now
     timeline = Timeline(run.root, pstate)
     # 1-3. Opponent responses y' ~ theta_t, plus the previous iteration's pairs (paper: 50k -> 100k),
     #      all scored by theta_t; and the same for held-out prompts (evaluation only).

@@ -201,7 +201,10 @@ class CheckpointWriter:
 
         from megatron.core import dist_checkpointing
 
+        from spin_mcore.models.checkpoint import await_save_queue
+
         self.finish()  # at most one in flight: the previous save is published first
+        await_save_queue()
         final = step_dir(self.root, step)
         tmp = _prepare_tmp(self.root, final, self.pstate)
         state = _full_state(step, model, optimizer, scheduler, self.pstate, loop_state, reader_state)

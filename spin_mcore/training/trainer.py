@@ -201,7 +201,7 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
     Raises TooManySkippedSteps past ``train.max_skipped_steps`` non-finite steps, and
     ``Preempted`` after saving a checkpoint when a stop signal arrived (see module docstring).
     """
-    from spin_mcore.models.checkpoint import save_model_checkpoint
+    from spin_mcore.models.checkpoint import prestart_save_queue, save_model_checkpoint
     from spin_mcore.models.gpt import params_dtype
     from spin_mcore.training.optimizer import build_optimizer
     from spin_mcore.training.schedule import build_lr_schedule
@@ -232,6 +232,7 @@ def train(cfg, pstate, data: Sequence, init_checkpoint: Optional[str], out_dir, 
     positions = 0  # row positions this rank ran through the model (padding included)
     peak_lr = float(per_iteration(t_cfg.lr, iteration))
 
+    prestart_save_queue()  # every training run ends with a save: its first-save set-up overlaps the steps
     if load_model is not None:
         model = wrap_for_training(cfg, load_model())
     else:
