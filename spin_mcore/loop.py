@@ -274,9 +274,8 @@ def generate_and_score(cfg: Config, pstate, run: RunDir, t: int, theta: str, pro
 
 def run_iteration(cfg: Config, pstate, run: RunDir, t: int, theta: str, data: Prepared) -> tuple[str, dict]:
     """One SPIN iteration from theta_t; returns (theta_{t+1} checkpoint, evaluation row)."""
-    from spin_mcore.training.trainer import train
-
     from spin_mcore.models.checkpoint import prestart_save_queue
+    from spin_mcore.training.trainer import train
 
     start = time.perf_counter()
     prestart_save_queue()  # theta_{t+1}'s save at the end of training: its once-per-process set-up starts now

@@ -362,12 +362,24 @@ def _save_after_prestart(path) -> dict:
     queue = fa._results_queue
     empty_after_warm_up = queue is not None and queue.empty()
     checkpoint.prestart_save_queue()  # a second call starts nothing
+    # SLURM's stop signals reach every process of the step, the Manager included: it must stay up for the
+    # trainer's save after them
+    import os
+    import signal
+    import time
+
+    manager_pid = checkpoint._queue_manager._process.pid
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        os.kill(manager_pid, sig)
+    time.sleep(0.5)
+    alive_after_signals = checkpoint._queue_manager._process.is_alive()
     model = build_gpt_model(cfg.model, pstate, cfg.precision)
     checkpoint.save_model_checkpoint(model, pstate, path, cfg.model)
     other = build_gpt_model(cfg.model, init_distributed(cfg.parallel, seed=7), cfg.precision)
     checkpoint.load_model_checkpoint(other, pstate, path)
     a, b = _tiny_weights(model), _tiny_weights(other)
     return {"started": started, "empty": empty_after_warm_up, "same_queue": fa._results_queue is queue,
+            "alive_after_signals": alive_after_signals,
             "max_diff": max(float((a[k] - b[k]).abs().max()) for k in a), "keys": sorted(a) == sorted(b)}
 
 
@@ -378,4 +390,42 @@ def test_save_queue_head_start_leaves_an_empty_queue_and_saves_load_bitwise(tmp_
 
     (out,) = run_local(_save_after_prestart, 1, tmp_path / "ck")
     assert out["started"] and out["empty"] and out["same_queue"] and out["keys"]
+    assert out["alive_after_signals"]  # SIGUSR1 and SIGTERM ignored; the save after them worked
     assert out["max_diff"] == 0.0
+
+
+ORPHAN_CHILD = """
+import os, signal, sys
+from spin_mcore.models import checkpoint
+checkpoint.prestart_save_queue()
+checkpoint.await_save_queue()
+print(checkpoint._queue_manager._process.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_save_queue_manager_ends_when_its_process_is_killed():
+    """A SIGKILLed trainer leaves no Manager behind (it ignores SIGTERM, so nothing else would end it)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.run([sys.executable, "-c", ORPHAN_CHILD], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    pid = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    def gone() -> bool:  # exited: no such process, or a zombie nobody has reaped yet
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    while time.monotonic() < deadline:
+        if gone():
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError(f"the Manager process {pid} outlived its killed parent by 10 s")

@@ -134,35 +134,69 @@ def dp_group():
 
 
 _queue_starter: Optional[threading.Thread] = None
+_queue_manager = None  # the Manager process serving Megatron's write-results queue (kept for its lifetime)
+
+
+def _queue_manager_init(parent_pid: int) -> None:
+    """Initializer of the write-results Manager process: it outlives stop signals, not its parent.
+
+    SLURM's ``--signal=USR1@600`` and ``scontrol requeue``'s SIGTERM reach every process of a job step.
+    With default handlers the Manager dies on them while the trainer, which catches them, is about to save
+    its state through the Manager: that save would fail. So it ignores them, and a watcher thread ends it
+    once its parent is gone (a SIGKILLed trainer would otherwise leave it behind).
+    """
+    import os
+    import signal
+    import time
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def prestart_save_queue() -> None:
-    """Start, in a background thread, the result queue Megatron's torch_dist writer needs for its first save.
+    """Start, in a background thread, the result queue Megatron's torch_dist writer needs for its saves.
 
     megatron-core 0.16.1's ``FileSystemWriterAsync`` (every torch_dist save, synchronous ones included) hands
-    each save's write results to ``filesystem_async._get_write_results_queue()``: a queue served by a
-    ``multiprocessing`` Manager process started with the *spawn* method, once per process. That bare process
-    imports torch the first time it unpickles the results: 1.4 s of the first save of a 117 MB model here
-    (1.9 s; later saves 0.37 s). The thread starts the Manager and passes the classes of those results through
-    the queue (put, then taken back out), so the import happens while training runs. A no-op when the queue
-    exists already or this Megatron has no such function.
+    each save's write results to ``filesystem_async._results_queue``, which it creates on first use: a
+    queue served by a ``multiprocessing`` Manager process started with the *spawn* method, once per process.
+    That bare process imports torch the first time it unpickles results: 1.4 s of the first save of a
+    117 MB model here (1.9 s; later saves 0.37 s). This thread starts the same kind of Manager (spawn) with
+    :func:`_queue_manager_init` (stop signals ignored, ends with its parent), whose import of this module
+    loads torch, passes the classes of the write results through the queue (put, then taken back out), and
+    installs it as Megatron's queue. Started when training begins, it is ready by the first save.
+    A no-op when Megatron's queue exists already or this Megatron keeps no such queue.
     """
     global _queue_starter
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
 
-    start = getattr(fa, "_get_write_results_queue", None)
-    if _queue_starter is not None or start is None or getattr(fa, "_results_queue", None) is not None:
+    if _queue_starter is not None or not hasattr(fa, "_results_queue") or fa._results_queue is not None:
         return
 
     def warm() -> None:
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
-        from torch.distributed.checkpoint.storage import WriteResult
+        global _queue_manager
+        import multiprocessing
+        import os
+        from multiprocessing.managers import SyncManager
 
         try:
-            queue = start()
+            from torch.distributed.checkpoint.filesystem import _StorageInfo
+            from torch.distributed.checkpoint.storage import WriteResult
+
+            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            manager.start(_queue_manager_init, (os.getpid(),))
+            queue = manager.Queue()
             queue.put((WriteResult, _StorageInfo))  # pickled by reference: the Manager imports their modules
             queue.get()  # empty again before any save reads it (saves wait for this thread: await_save_queue)
-        except Exception:  # only a head start: the save itself starts the queue, and reports what fails
+            _queue_manager = manager
+            fa._results_queue = queue
+        except Exception:  # only a head start: Megatron then starts its own queue at the first save
             pass
 
     _queue_starter = threading.Thread(target=warm, name="spin-mcore-save-queue", daemon=True)
