@@ -271,3 +271,66 @@ def test_a_failed_doctor_stops_the_job_before_its_step(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert [c["argv"][3] for c in _calls(tmp_path)] == ["run"]
+
+
+SIGNAL_PROBE = """
+import json, multiprocessing, os, signal, sys, time
+
+
+def main():  # spawned Managers import this file again: nothing may run at import
+    from spin_mcore.models import checkpoint
+
+    got = []
+    signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+    checkpoint.prestart_save_queue()
+    checkpoint.await_save_queue()
+    ours = checkpoint._queue_manager
+    default = multiprocessing.get_context("spawn").Manager()  # the kind Megatron starts: default signal handlers
+    out = sys.argv[1]
+    open(out + ".ready", "w").write("ready")
+    deadline = time.time() + 120
+    while not got and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    try:
+        fa._results_queue.put(1)
+        queue = fa._results_queue.get() == 1
+    except Exception as exc:
+        queue = repr(exc)
+    with open(out + ".tmp", "w") as f:
+        json.dump({"signalled": bool(got), "ours_alive": ours._process.is_alive(), "queue": queue,
+                   "default_alive": default._process.is_alive()}, f)
+    os.replace(out + ".tmp", out)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_save_queue_manager_survives_slurms_stop_signal(slurm_env, tmp_path):
+    """`scancel --signal=USR1` (what `#SBATCH --signal=USR1@600` sends) reaches every process of the step:
+    the Manager serving Megatron's write results stays up (its queue still works), while one with default
+    handlers, as Megatron starts it, dies: the trainer's save after the signal needs the former."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(SIGNAL_PROBE)
+    out = tmp_path / "probe.json"
+    cmd = ["sbatch", "--parsable", "--nodes=1", "--ntasks=1", "--cpus-per-task=1", f"--output={tmp_path / 'job.log'}",
+           f"--chdir={ROOT}", f"--wrap=srun {sys.executable} {probe} {out}"]
+    job = subprocess.run(cmd, env=slurm_env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 180
+        while not Path(str(out) + ".ready").exists():
+            assert time.monotonic() < deadline, f"the probe never started: {(tmp_path / 'job.log').read_text()}"
+            time.sleep(0.5)
+        subprocess.run(["scancel", "--signal=USR1", job], env=slurm_env, check=True)
+        while not out.exists():
+            assert time.monotonic() < deadline, f"no result: {(tmp_path / 'job.log').read_text()}"
+            time.sleep(0.5)
+        res = json.loads(out.read_text())
+    finally:
+        subprocess.run(["scancel", job], env=slurm_env)
+    assert res["signalled"], res
+    assert res["default_alive"] is False, res  # the control: the signal reached the step's other processes
+    assert res["ours_alive"] is True and res["queue"] is True, res
