@@ -272,9 +272,48 @@ def test_run_checks_on_a_gpu_node():
     rows = {c.name: c.status for c in d.run_checks(cfg_of("platform.device=cuda", "parallel.tp=2"), facts)}
     assert rows == {"CUDA": "ok", "compute capability": "ok", "driver vs torch CUDA": "ok", "Transformer Engine": "ok",
                     "apex fused wgrad": "FAIL", "NCCL": "ok", "CUDA_DEVICE_MAX_CONNECTIONS": "ok", "engine": "skip",
-                    "SLURM PMIx": "skip", "allocation": "ok", "disk at run.dir": "ok"}
+                    "SLURM PMIx": "skip", "allocation": "ok", "disk at run.dir": "ok", "data loader (DALI)": "ok"}
     off = {c.name: c.status for c in d.run_checks(cfg_of("platform.device=cuda", "train.fused_kernels=off"), facts)}
     assert off["apex fused wgrad"] == "skip"
+
+
+def test_check_dali():
+    name = "data loader (DALI)"
+    ok = d.Facts(dali_build="nvidia-dali-cuda120 2.4.0", dali_device=0)
+    assert d.check_dali("torch", "cuda", "12.8", d.Facts(dali_error="x")) == d.Check(name, "skip", "data.loader=torch")
+    missing = d.Facts(dali_error="ModuleNotFoundError: No module named 'nvidia'")
+    row = d.check_dali("auto", "cpu", None, missing)
+    assert row.status == "warn" and "falls back to the torch loader" in row.detail and "No module named" in row.detail
+    assert d.check_dali("dali", "cpu", None, missing).status == "FAIL"
+    broken = d.Facts(dali_build="nvidia-dali-cuda120 2.4.0", dali_read_error="RuntimeError: CUDA driver too old")
+    row = d.check_dali("auto", "cuda", "12.8", broken)  # auto would pick it: a reader that fails is a FAIL
+    assert row.status == "FAIL" and "CUDA driver too old" in row.detail and row.fix
+    assert d.check_dali("auto", "cuda", "12.8", ok) == d.Check(
+        name, "ok", "nvidia-dali-cuda120 2.4.0: two token-store files read back with device_id=0")
+    row = d.check_dali("auto", "cuda", "13.0", ok)
+    assert row.status == "warn" and row.detail == "nvidia-dali-cuda120 2.4.0 is built for CUDA 12, torch uses CUDA 13.0"
+    assert d.check_dali("auto", "cpu", None, ok).status == "ok"  # a CPU run does not care about the wheel's CUDA
+    assert d.dali_build_cuda_major("nvidia-dali-cuda130 2.4.0") == 13 and d.dali_build_cuda_major(None) is None
+
+
+def test_dali_facts_read_a_token_store_here_and_report_a_failing_reader(monkeypatch):
+    """The real probe on this machine (DALI is installed by setup_local.sh), then with a reader that breaks."""
+    cfg = cfg_of("platform.device=cpu")
+    facts = d.Facts()
+    d._dali_facts(cfg, facts)
+    assert facts.dali_error is None and facts.dali_read_error is None, facts
+    assert facts.dali_build.startswith("nvidia-dali-cuda120 ") and facts.dali_device is None
+    import spin_mcore.data.dali_loader as dl
+
+    class Broken:
+        def __init__(self, *a, **k):
+            raise RuntimeError("nvml: driver/library version mismatch\nmore")
+
+    monkeypatch.setattr(dl, "DaliRecordReader", Broken)
+    facts = d.Facts()
+    d._dali_facts(cfg, facts)
+    assert facts.dali_read_error == "RuntimeError: nvml: driver/library version mismatch"
+    assert d.check_dali("auto", "cpu", None, facts).status == "FAIL"
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -289,6 +328,8 @@ def test_cli_on_this_cpu_machine(tmp_path, capsys, monkeypatch):
     assert out[0].startswith("# spin-mcore doctor on ")
     assert re.match(r"^skip  CUDA +platform.device=cpu: running on the CPU \(gloo\)$", out[1])
     assert re.match(r"^ok    disk at run.dir +[\d,.]+ GB free at " + re.escape(str(tmp_path)), out[11])
+    assert re.match(r"^ok    data loader \(DALI\) +nvidia-dali-cuda120 [\d.]+: two token-store files read back on the CPU$",
+                    out[12])
     assert out[-2].endswith(": 0 FAIL, 0 warn -> ready")
     report = json.loads(out[-1])
     assert report["ok"] is True and [c["name"] for c in report["checks"]][:2] == ["CUDA", "compute capability"]

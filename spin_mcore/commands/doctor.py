@@ -8,8 +8,10 @@ Checked: CUDA visible (platform.device cuda/auto), compute capability against pr
 mxfp8 10.x), the driver's CUDA against torch's and the engine's, Transformer Engine inside the range
 megatron-core's own metadata asks for, apex's fused weight-gradient extension where gradient-accumulation
 fusion is on, NCCL, CUDA_DEVICE_MAX_CONNECTIONS, the external engine's environment (generation.backend
-vllm/trtllm), SLURM's PMIx plug-in and the allocation's GPUs against the layout, and free space at run.dir
-against what one iteration writes (spin_mcore/plan/disk.py). On a CPU run the CUDA checks are ``skip``.
+vllm/trtllm), SLURM's PMIx plug-in and the allocation's GPUs against the layout, free space at run.dir
+against what one iteration writes (spin_mcore/plan/disk.py), and NVIDIA DALI for data.loader auto/dali (it
+imports, its wheel's CUDA major is torch's, and a reader over two token-store files returns them, on this
+rank's GPU when CUDA is in use). On a CPU run the CUDA checks are ``skip``.
 
 Each check is a pure function of the facts it needs (tests call them with made-up facts); :func:`gather`
 collects the facts of this machine and :func:`run_checks` applies the checks.
@@ -65,6 +67,10 @@ class Facts:
     engine_result: Optional[dict] = None
     engine_torch_cuda: Optional[str] = None
     mpi_list: Optional[str] = None
+    dali_error: Optional[str] = None  # why nvidia.dali does not import (None: it does, or was not probed)
+    dali_build: Optional[str] = None  # e.g. "nvidia-dali-cuda120 2.4.0"
+    dali_read_error: Optional[str] = None  # why reading two token-store files back failed
+    dali_device: Optional[int] = None  # the device_id the read ran with (None: CPU pipeline)
     disk_path: str = "."
     disk_free: int = 0
     env: dict = field(default_factory=dict)
@@ -269,6 +275,33 @@ def check_pmix(gen, in_slurm: bool, mpi_list: Optional[str]) -> Check:
                  "use a SLURM built with PMIx (ask the admins), or set generation.engine_launcher=local")
 
 
+def dali_build_cuda_major(build: Optional[str]) -> Optional[int]:
+    """12 for "nvidia-dali-cuda120 2.4.0", 13 for "...-cuda130 ..."; None when unreadable."""
+    m = re.search(r"cuda(\d\d)\d", build or "")
+    return int(m.group(1)) if m else None
+
+
+def check_dali(setting: str, device: str, torch_cuda: Optional[str], facts: Facts) -> Check:
+    """data.loader auto|dali: DALI imports, its wheel matches torch's CUDA major on GPUs, and it reads a token store."""
+    name = "data loader (DALI)"
+    fix = "install the DALI wheel for torch's CUDA (launch/setup_gpu.sh; launch/setup_local.sh on CPU), or set data.loader=torch"
+    if setting == "torch":
+        return Check(name, SKIP, "data.loader=torch")
+    if facts.dali_error:
+        if setting == "dali":
+            return Check(name, FAIL, f"data.loader=dali but NVIDIA DALI does not import ({facts.dali_error})", fix)
+        return Check(name, WARN, f"NVIDIA DALI does not import ({facts.dali_error}): data.loader=auto falls back to "
+                                 "the torch loader, which parses every stage's JSON on every rank", fix)
+    if facts.dali_read_error:
+        return Check(name, FAIL, f"{facts.dali_build or 'NVIDIA DALI'} imports but reading two token-store files "
+                                 f"failed ({facts.dali_read_error}); data.loader={setting} would pick it", fix)
+    built, wanted = dali_build_cuda_major(facts.dali_build), parse_version(torch_cuda)
+    where = "on the CPU" if facts.dali_device is None else f"with device_id={facts.dali_device}"
+    if device == "cuda" and built is not None and wanted is not None and built != wanted[0]:
+        return Check(name, WARN, f"{facts.dali_build} is built for CUDA {built}, torch uses CUDA {torch_cuda}", fix)
+    return Check(name, OK, f"{facts.dali_build or 'NVIDIA DALI'}: two token-store files read back {where}")
+
+
 def check_layout(cfg, device: str, environ: Mapping[str, str]) -> Check:
     """The allocation against parallel.tp*pp*cp and the engine's tensor parallel size (inside SLURM)."""
     p, g = cfg.parallel, cfg.generation
@@ -354,6 +387,7 @@ def run_checks(cfg, facts: Facts) -> list[Check]:
         check_layout(cfg, device, env),
         check_disk(facts.disk_path, facts.disk_free, iteration_write_bytes(cfg, gpu=device == "cuda"),
                    cfg.run.iterations),
+        check_dali(cfg.data.loader, device, facts.torch_cuda, facts),
     ]
     return checks
 
@@ -476,6 +510,39 @@ def _cuda_facts(facts: Facts) -> None:
     facts.apex_wgrad, facts.apex_fallback = _apex_facts()
 
 
+def _dali_facts(cfg, facts: Facts) -> None:
+    """Import DALI, name its wheel, and read two int32 records back through the trainer's reader."""
+    import tempfile
+    from importlib import metadata
+
+    import numpy as np
+
+    from spin_mcore.data.dali_loader import DaliRecordReader, dali_import_error
+
+    facts.dali_error = dali_import_error()
+    if facts.dali_error:
+        return
+    builds = [f"{d.metadata['Name']} {d.version}" for d in metadata.distributions()
+              if (d.metadata["Name"] or "").lower().startswith("nvidia-dali-cuda")]
+    facts.dali_build = ", ".join(sorted(builds)) or None
+    if facts.cuda_available and cfg.platform.device != "cpu":
+        facts.dali_device = 0  # the trainer passes each rank's own device; the node's first is enough here
+    try:
+        with tempfile.TemporaryDirectory(prefix="spin-doctor-dali-") as tmp:
+            records = [np.arange(5, dtype=np.int32), np.arange(7, 10, dtype=np.int32)]
+            files = []
+            for i, rec in enumerate(records):
+                files.append(str(Path(tmp) / f"r{i}.npy"))
+                np.save(files[-1], rec)
+            reader = DaliRecordReader(files, 1, 0, 1, device_id=facts.dali_device, num_threads=1, prefetch=1)
+            got = [reader.next()[0][0] for _ in records]
+            reader.close()
+        if not all(np.array_equal(a, b) for a, b in zip(got, records)):
+            facts.dali_read_error = f"read {[a.tolist() for a in got]}, wrote {[b.tolist() for b in records]}"
+    except Exception as exc:  # a DALI that imports can still fail to build a pipeline (driver, CUDA libs)
+        facts.dali_read_error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+
+
 def nearest_existing(path: str) -> Path:
     """``path`` or its nearest existing parent (run.dir may not exist before the first run)."""
     p = Path(path).absolute()
@@ -501,6 +568,8 @@ def gather(cfg, environ: Mapping[str, str]) -> Facts:
         facts.mpi_list = None if rc == 127 else out + err
     where = nearest_existing(cfg.run.dir)
     facts.disk_path, facts.disk_free = str(where), shutil.disk_usage(where).free
+    if cfg.data.loader != "torch":
+        _dali_facts(cfg, facts)
     return facts
 
 
@@ -544,7 +613,7 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("doctor", help="check this node against what the config needs (CUDA, TE, apex, NCCL, engine, "
-                       "SLURM, disk): a table of ok/warn/FAIL with fixes",
+                       "SLURM, disk, DALI): a table of ok/warn/FAIL with fixes",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--json", action="store_true", help="also print the checks as one JSON object (last line)")
