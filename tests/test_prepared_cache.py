@@ -59,6 +59,9 @@ def test_cache_gives_back_what_prepare_made_and_is_made_once(inputs, tmp_path, m
     assert _as_tuples(first) == _as_tuples(again) == _as_tuples(direct)
     assert first.stats == json.loads(json.dumps(direct.stats))  # the stats survive as JSON
 
+    # The loader setting does not change the prompts: reused.
+    prepared_cache.prepared_once(_data_cfg(inputs, loader="torch"), tok, cache, rank=0)
+    assert len(calls) == 1
     # What the prompts depend on changes: rebuilt, never reused.
     prepared_cache.prepared_once(_data_cfg(inputs, max_prompt_length=16), tok, cache, rank=0)
     assert len(calls) == 2

@@ -50,9 +50,15 @@ def _files_signature(path) -> list:
     return sorted(out)
 
 
+NOT_IN_FINGERPRINT = ("loader",)
+
+
 def data_fingerprint(data_cfg) -> str:
-    """Hash of what the tokenised prompts depend on: the data settings, data files and tokenizer files."""
-    settings = {k: getattr(data_cfg, k) for k in sorted(vars(data_cfg))}
+    """Hash of what the tokenised prompts depend on: the data settings, data files and tokenizer files.
+
+    ``data.loader`` is left out: it picks how the trainer reads its pairs, not what the prompts are.
+    """
+    settings = {k: getattr(data_cfg, k) for k in sorted(vars(data_cfg)) if k not in NOT_IN_FINGERPRINT}
     inputs = {"data": _files_signature(data_cfg.path) if data_cfg.path and Path(data_cfg.path).exists() else None,
               "tokenizer": _files_signature(data_cfg.tokenizer)
               if data_cfg.tokenizer and Path(data_cfg.tokenizer).exists() else None}
