@@ -19,7 +19,8 @@ from spin_mcore.config import load_config
 from spin_mcore.generation.workers import protocol
 from spin_mcore.launcher import run_local
 from tests.helpers import hf_greedy_until, hf_logp
-from tests.test_generation import BOS, EOS, MAX_NEW, VOCAB, _prompts
+from spin_mcore.acceptance.checks_engine import tiny_hf_llama
+from tests.test_generation import BOS, MAX_NEW, VOCAB, _prompts
 
 # vLLM's CPU attention takes head sizes 32, 64, 80, ... (not the tiny preset's 16): 2 heads of 32, and
 # 2 KV heads so the in-process engine also runs at TP=2.
@@ -39,17 +40,8 @@ def _need_vllm_env() -> None:
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
     """A tiny random LlamaForCausalLM with head size 32 (peaked logits: greedy has clear winners)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2,
-                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0)
-    model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("hf") / "tiny"
-    model.save_pretrained(path, safe_serialization=True)
-    return model, str(path)
+    return tiny_hf_llama(path, heads=2), str(path)
 
 
 def _megatron_greedy(tp: int, hf_dir: str, stop: int) -> list[list[int]]:

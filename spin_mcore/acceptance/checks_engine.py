@@ -40,14 +40,16 @@ def prompts() -> list[list[int]]:
     return [[BOS] + torch.randint(3, VOCAB, (n - 1,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def tiny_hf_llama(path):
-    """The random LlamaForCausalLM of these checks (and tests/test_generation.py), saved at ``path``; returns it (eval, CPU)."""
+def tiny_hf_llama(path, heads: int = 4):
+    """The random LlamaForCausalLM of these checks (and tests/test_generation.py, tests/test_vllm_engine.py with
+    ``heads=2``: head size 32, which vLLM's CPU attention takes), 2 KV heads, seeded, saved at ``path``;
+    returns it (eval, CPU)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=64,
                          rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2,
                          bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0)
     model = LlamaForCausalLM(config).eval()
