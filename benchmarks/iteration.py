@@ -20,7 +20,7 @@ and every response would run to ``max_new``, which no real theta_0 does.
               starts it, the trainer-engine agreement check included; generation = export + engine
               start + generation. Left out, with a line saying so, when .venv-vllm is missing.
     authors   the pipeline of the SPIN authors' code (uclaml/SPIN): ``transformers`` ``generate`` in
-              left-padded batches of ``--gen-batch`` prompts, then TRL ``DPOTrainer`` with a live reference
+              left-padded batches of GEN_BATCH = 16 prompts, then TRL ``DPOTrainer`` with a live reference
               model on padded batches (model loads and dataset tokenisation counted in its stages).
 
 Each side runs in its own subprocess, alternately (A B A B ...); the JSON gives each stage's median
