@@ -129,3 +129,40 @@ def test_iteration_rows_one_per_side_of_ours():
     assert "generation 50.0 vs 140.0 s, reference 10.0 vs 0.0 s" in rows[0] and "engine_start" not in rows[0]
     assert rows[1].startswith("| `iteration.py` ours_vllm |") and "2.00x [1.50-2.40] overlap" in rows[1]
     assert "engine_start 20.0 vs 0.0 s" in rows[1]
+
+
+def _eos_lengths(mean_tokens: float) -> dict:
+    """Rank worker: spin_step's quick-size random model given an eos rate, then 64 sampled responses."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import spin_step
+    from spin_mcore.config import load_config
+    from spin_mcore.generation.engine import generate_with_stats
+    from spin_mcore.generation.sampling import SamplingParams
+    from spin_mcore.platform import init_distributed
+    from spin_mcore.training.trainer import setup_model
+
+    s = dict(spin_step.SIZES["quick"])
+    cfg = load_config(overrides=spin_step._overrides(s) + ["model.seq_length=256"])
+    pstate = init_distributed(cfg.parallel, seed=0)
+    model = setup_model(cfg, pstate, None, wrap_ddp=False)
+    params = SamplingParams(max_new_tokens=200, temperature=1.0, seed=0, stop_ids=(spin_step.EOS,))
+    prompts = [[3 + (7 * i + j) % 500 for j in range(8)] for i in range(64)]
+    before, _ = generate_with_stats(model, pstate, prompts, params, batch_size=64)
+    calibration = spin_step.end_samples_at_eos(model, spin_step.EOS, mean_tokens)
+    after, _ = generate_with_stats(model, pstate, prompts, params, batch_size=64)
+    return {"before": [len(o[0]) for o in before], "after": [len(o[0]) for o in after], "calibration": calibration}
+
+
+def test_end_samples_at_eos_gives_the_asked_mean_length():
+    """iteration.py's theta_0: a random model samples eos at ~1/vocab, so its samples run long; calibrated, they
+    end at eos after about the asked number of tokens (64 samples: the mean within 0.6-1.5x of 20)."""
+    from spin_mcore.launcher import run_local
+
+    (out,) = run_local(_eos_lengths, 1, 20.0)
+    before, after = out["before"], out["after"]
+    mean_before = sum(before) / len(before)  # eos at 1/vocab: most samples run long or to max_new
+    mean = sum(after) / len(after)
+    print(f"mean length {mean_before:.1f} -> {mean:.1f} (asked 20), calibration {out['calibration']}")
+    assert mean_before > 100, before
+    assert 12 <= mean <= 30, after
+    assert max(after) < 200 and out["calibration"]["mean_eos_probability"] == 0.05
