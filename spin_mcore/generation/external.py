@@ -47,7 +47,7 @@ from spin_mcore.generation.sampling import SamplingParams, sampling_vocab_size
 from spin_mcore.generation.stage import STAGE, _records, _shard_text, prepare_prompts, stage_fingerprint
 from spin_mcore.generation.workers import protocol
 from spin_mcore.utils.io import atomic_write_json, atomic_write_text
-from spin_mcore.utils.procs import end_session
+from spin_mcore.utils.procs import end_session, stop_session
 from spin_mcore.utils.shards import ShardedStage
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -447,17 +447,7 @@ def _raise_if_preempted(returncode: int) -> None:
 
 
 def _stop(proc: subprocess.Popen, sig: int) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    end_session(proc.pid)
+    stop_session(proc, sig, grace_s=60.0)
 
 
 def generate_with_engine(cfg, pstate, load_model, sets: list[tuple], tokenizer, iteration: int, checkpoint_id: str,

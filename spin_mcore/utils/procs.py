@@ -1,6 +1,7 @@
 """Child processes that leave nothing behind: an engine worker's own process tree ends with it.
 
     run_in_own_session(argv, **popen_kwargs) -> returncode    start, wait, then end what is left of its session
+    stop_session(proc, sig, grace_s)                          stop a running child's session: ``sig``, then SIGKILL
     end_session(pgid, grace_s)                                SIGTERM, then SIGKILL, to every process left in it
 
 vLLM's engine-core processes (and lm-eval's, through vLLM) outlive a worker that exits without
@@ -44,6 +45,26 @@ def end_session(pgid: int, grace_s: float = 10.0) -> bool:
     return True
 
 
+def stop_session(proc: subprocess.Popen, sig: int, grace_s: float = 60.0) -> None:
+    """Stop child ``proc`` (started with ``start_new_session``) and its session: ``sig`` to the group, SIGKILL
+    when ``proc`` has not ended ``grace_s`` later, ``proc`` reaped, then :func:`end_session` for what is left.
+
+    ``proc`` is reaped before the group is watched: an unreaped child stays in its group as a zombie, and
+    :func:`end_session` would wait out its grace on it.
+    """
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    end_session(proc.pid)
+
+
 def run_in_own_session(argv: list, **popen_kwargs) -> int:
     """``subprocess.run(argv).returncode`` with the child in its own session, and whatever of that session
     outlives the child ended after it (:func:`end_session`)."""
@@ -51,7 +72,4 @@ def run_in_own_session(argv: list, **popen_kwargs) -> int:
     try:
         return proc.wait()
     finally:
-        if proc.poll() is None:  # interrupted while waiting: the child goes too
-            end_session(proc.pid)
-            proc.wait()
-        end_session(proc.pid)
+        stop_session(proc, signal.SIGTERM, grace_s=10.0)  # interrupted while waiting: the child goes too
