@@ -62,8 +62,7 @@ def _score_records(cfg, model, pstate, records: list[dict], spec: LossSpec,
     mine = list(range(pstate.dp_rank, len(records), pstate.dp))
     if cfg.train.pack_sequences:
         seq = _score_packed(cfg, model, pstate, [records[i] for i in mine], spec, lengths)
-        found = {mine[j]: v for j, v in seq.items()} if pstate.is_last_stage and pstate.tp_rank == 0 else {}
-        return _gather(found)
+        return _gather({mine[j]: v for j, v in seq.items()})
     # Every DP rank runs the same number of micro-batches; the padding repeats an item and is discarded.
     n_mb = max(1, math.ceil(math.ceil(len(records) / pstate.dp) / mb))
     if len(model_chunks(model)) > 1:  # the interleaved schedule runs micro-batches in groups of pp
@@ -119,6 +118,8 @@ def _score_packed(cfg, model, pstate, records: list[dict], spec: LossSpec,
     spec = dataclasses.replace(spec, qkv_format=packed_qkv_format(pstate))
     seq = score_microbatches(model, micro, spec, packed_row_length(seq_len, mb), mb, rows=1)
     found: dict[int, tuple[float, float]] = {}
+    if not (pstate.is_last_stage and pstate.tp_rank == 0):  # the other ranks' copies would only repeat these
+        return found
     for s, group in zip(seq[:n_real], groups):
         k = len(group)
         for j, index in enumerate(group):
