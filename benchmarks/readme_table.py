@@ -33,9 +33,12 @@ def _ratio(c: dict | None) -> str:
     return s + " overlap" if c.get("overlap") else s
 
 
-def _load(m: dict) -> str:
+def _machine(m: dict) -> str:
+    """CPU model and threads, then the 1-minute load average before / after: rows measured elsewhere differ."""
     a, b = m.get("loadavg_before"), m.get("loadavg_after")
-    return f"{a[0]:.1f} / {b[0]:.1f}" if a and b else ""
+    load = f"load {a[0]:.1f} / {b[0]:.1f}" if a and b else ""
+    cpu = f"{m['cpu_model']}, {m['threads']} threads" if m.get("cpu_model") and m.get("threads") else ""
+    return "; ".join(x for x in (cpu, load) if x)
 
 
 def _spin_step_row(r: dict) -> list[str]:
@@ -57,7 +60,7 @@ def _spin_step_row(r: dict) -> list[str]:
             _ratio(ratios.get(f"{head}/trl_live", {}).get("tokens_per_s")),
             _ratio(ratios.get(f"{head}/trl_pre", {}).get("tokens_per_s")),
             _ratio(ratios.get(f"{head}/trl_live", {}).get("peak_rss")),
-            f"{side['ceiling_share']:.1%}", _load(r.get("machine", {})), note]
+            f"{side['ceiling_share']:.1%}", _machine(r.get("machine", {})), note]
 
 
 def _iteration_rows(r: dict) -> list[list[str]]:
@@ -70,13 +73,13 @@ def _iteration_rows(r: dict) -> list[list[str]]:
         packed = " packed" if r.get("ours_packed_training") else ""
         rows.append([f"`iteration.py` {ours}", f"{r['size']}, {r['prompts']} prompts{packed}", f"{r['repeats']}",
                      f"{r['sides'][ours]['seconds_median']:.0f} s ({r['sides'][ours]['seconds_spread']:.0%})",
-                     "", "", "", "", _load(r.get("machine", {})),
+                     "", "", "", "", _machine(r.get("machine", {})),
                      f"authors' pipeline time / ours {_ratio(whole)} (above 1: ours faster); ours vs authors: {stages}"])
     return rows
 
 
 HEADER = ["benchmark", "configuration", "runs", "ours (spread)", "vs TRL live", "vs TRL precomputed",
-          "peak RSS vs TRL live", "matmul ceiling share", "load before / after", "note"]
+          "peak RSS vs TRL live", "matmul ceiling share", "machine", "note"]
 
 
 def render_table(results: list[dict]) -> str:

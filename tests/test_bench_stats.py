@@ -68,7 +68,8 @@ RECORDED = {
                "ours_packed/trl_pre": {"tokens_per_s": {"ratio": 1.1, "ratio_min": 0.9, "ratio_max": 1.3, "overlap": True},
                                        "peak_rss": {"ratio": 0.8, "ratio_min": 0.79, "ratio_max": 0.81, "overlap": False}}},
     "target_mixed": {"needed_ratio_vs_trl_pre": 1.6, "ratio": 1.1, "met": False},
-    "machine": {"loadavg_before": [1.0, 1.0, 1.0], "loadavg_after": [3.0, 2.0, 1.0]},
+    "machine": {"cpu_model": "AMD EPYC", "threads": 2, "loadavg_before": [1.0, 1.0, 1.0],
+                "loadavg_after": [3.0, 2.0, 1.0]},
 }
 
 
@@ -85,9 +86,18 @@ def test_readme_block_from_recorded_json(tmp_path):
     assert "old table" not in text and text.startswith("# README.md\nbefore\n") and text.endswith("after\n")
     row = [line for line in text.splitlines() if line.startswith("| `spin_step.py`")]
     assert row == ["| `spin_step.py` ours_packed | large, mixed lengths (pad 50%) | 3 | 900 tok/s (10%) | "
-                   "2.00x [1.80-2.20] | 1.10x [0.90-1.30] overlap | 0.70x [0.69-0.71] | 25.0% | 1.0 / 3.0 | "
+                   "2.00x [1.80-2.20] | 1.10x [0.90-1.30] overlap | 0.70x [0.69-0.71] | 25.0% | "
+                   "AMD EPYC, 2 threads; load 1.0 / 3.0 | "
                    "target 1.60x vs TRL pre: not met |"]
     assert readme_table.BEGIN in doc.read_text() and row[0] in doc.read_text()
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/benchmarks.md"])
+def test_committed_tables_are_the_recorded_results(doc):
+    """A hand edit of the table, or a result recorded without regenerating it, fails here."""
+    text = (ROOT / doc).read_text()
+    i, j = text.index(readme_table.BEGIN) + len(readme_table.BEGIN) + 1, text.index(readme_table.END)
+    assert text[i:j] == readme_table.render_table(readme_table.load_results(ROOT / "benchmarks" / "results"))
 
 
 def test_readme_table_bad_input(tmp_path, capsys):
