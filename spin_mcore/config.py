@@ -272,9 +272,9 @@ class TrainConfig:
                 "Engine, else off), on (refused without both), or off.")
     # Off by default although it pays for SPIN: at benchmarks/spin_step.py --size large --lengths mixed (TRL pad
     # fraction 0.48) packed rows trained 1.94x the tokens/s of train.pad_to_longest (median of 3 alternating runs,
-    # range 1.53-2.16x; 1.67x on another 2-core machine) at 0.80x the peak RSS. A true default would refuse every SFT objective
-    # (restem, star, the demo's SFT) and train.fused_linear_logprobs, and on GPUs packing needs Transformer
-    # Engine's thd attention (Megatron's local layers have no packed path): set it per SPIN config.
+    # range 1.53-2.16x; 1.67x on another 2-core machine) at 0.80x the peak RSS. A true default would refuse every
+    # SFT objective (restem, star, the demo's SFT) and train.fused_linear_logprobs, and on GPUs packing needs
+    # Transformer Engine's thd attention (Megatron's local layers have no packed path): set it per SPIN config.
     pack_sequences: bool = _f(False, "SPIN only: pack several pairs per micro-batch row [1, 2 * micro_batch_size * seq_length] with block-diagonal attention (PackedSeqParams) instead of padding each sequence; the reference pass packs too.")
     fused_linear_logprobs: bool = _f(False, "Training (SPIN, SFT) and the reference pass: the model stops at the final "
                                      "hidden states and the fused linear log-prob op (spin_mcore/logprobs/fused_linear.py) "
